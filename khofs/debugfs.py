@@ -1,0 +1,254 @@
+"""The debugfs node tree over the emulated kernel: what `<mnt>/kho/...` shows.
+
+Nodes appear and vanish with kernel state; each node created gets a fresh inode number,
+as debugfs's get_next_ino() does. Nothing here knows about FUSE.
+"""
+
+import errno
+import stat
+import time
+
+from .kernel.errors import KernelError
+from .kernel.kstrtox import kstrtoull
+from .kernel.machine import Machine
+
+SIMPLE_ATTR_BUF = 24          # struct simple_attr get_buf/set_buf size
+ROOT_INO = 1
+
+
+class Node:
+    def __init__(self, tree: "Tree", name: str, mode: int, parent: "Node | None"):
+        self.tree = tree
+        self.ino = tree.next_ino()
+        self.name = name
+        self.mode = mode
+        self.parent = parent or self
+        self.uid = self.gid = 0
+        self.atime = self.mtime = self.ctime = time.time_ns()
+        self.seq = self.ino          # creation order: readdir lists newest first
+        self.gone = False
+
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+class Dir(Node):
+    def __init__(self, tree, name, parent, children_fn, mode=0o755):
+        super().__init__(tree, name, stat.S_IFDIR | mode, parent)
+        self.children_fn = children_fn
+
+    def children(self) -> list[Node]:
+        return self.children_fn()
+
+    def nlink(self) -> int:
+        return 2 + sum(1 for c in self.children() if c.is_dir())
+
+
+class File(Node):
+    nonseekable = False
+
+    def __init__(self, tree, name, parent, mode):
+        super().__init__(tree, name, stat.S_IFREG | mode, parent)
+
+    def content_size(self) -> int:
+        return 0
+
+    def open(self) -> "Handle":
+        return Handle(self)
+
+
+class Handle:
+    def __init__(self, node: File):
+        self.node = node
+
+    def _live(self):
+        if self.node.gone:
+            raise KernelError(errno.EIO, "the file was removed")
+
+    def read(self, off: int, size: int) -> bytes:
+        raise KernelError(errno.EINVAL)
+
+    def write(self, off: int, data: bytes) -> int:
+        # debugfs's full proxy: no write handler means EINVAL.
+        self._live()
+        raise KernelError(errno.EINVAL, "this file cannot be written")
+
+
+class ShowFile(File):
+    """A seq_file single_open file (scratch_phys, scratch_len)."""
+
+    def __init__(self, tree, name, parent, mode, text_fn):
+        super().__init__(tree, name, parent, mode)
+        self.text_fn = text_fn
+
+    def content_size(self) -> int:
+        return len(self.text_fn())
+
+    def open(self):
+        return ShowHandle(self)
+
+
+class ShowHandle(Handle):
+    def read(self, off, size):
+        self._live()
+        return self.node.text_fn()[off:off + size]
+
+
+class AttrFile(File):
+    """A DEFINE_DEBUGFS_ATTRIBUTE file ("%llu\\n"): simple_attr_read/simple_attr_write."""
+
+    nonseekable = True
+
+    def __init__(self, tree, name, parent, mode, get, set_):
+        super().__init__(tree, name, parent, mode)
+        self.get, self.set = get, set_
+
+    def content_size(self) -> int:
+        return len(b"%d\n" % self.get())
+
+    def open(self):
+        return AttrHandle(self)
+
+
+class AttrHandle(Handle):
+    def __init__(self, node):
+        super().__init__(node)
+        self.get_buf = b""
+
+    def read(self, off, size):
+        self._live()
+        if not (off and self.get_buf):
+            self.get_buf = (b"%d\n" % self.node.get())[:SIMPLE_ATTR_BUF - 1]
+        return self.get_buf[off:off + size]
+
+    def write(self, off, data):
+        self._live()
+        val = kstrtoull(bytes(data[:SIMPLE_ATTR_BUF - 1]), 0)
+        self.node.set(val)
+        return len(data)
+
+
+class BlobFile(File):
+    """debugfs_create_blob: a fixed-size window onto kernel memory, writable in place."""
+
+    def __init__(self, tree, name, parent, blob, mem):
+        super().__init__(tree, name, parent, 0o400)
+        self.blob, self.mem = blob, mem
+
+    def content_size(self) -> int:
+        return self.blob.size
+
+    def open(self):
+        return BlobHandle(self)
+
+
+class BlobHandle(Handle):
+    def read(self, off, size):
+        self._live()
+        b = self.node.blob
+        if off >= b.size:
+            return b""
+        return self.node.mem.read(b.phys + off, min(size, b.size - off))
+
+    def write(self, off, data):
+        self._live()
+        b = self.node.blob
+        if off >= b.size or not data:
+            return 0
+        n = min(len(data), b.size - off)
+        self.node.mem.write(b.phys + off, data[:n])
+        return n
+
+
+class Tree:
+    """The debugfs root and everything under it, for one boot of the machine."""
+
+    def __init__(self, machine: Machine):
+        self._ino = ROOT_INO - 1
+        self.nodes: dict[int, Node] = {}
+        self.machine = machine
+        self.root = self._add(Dir(self, "", None, self._root_children, mode=0o700))
+        self.kho = self.out = self.out_sub = None
+        self.blob_nodes: dict[tuple, BlobFile] = {}
+        kho_out = machine.kho_out
+        if kho_out is None:
+            return
+        self.kho = self._add(Dir(self, "kho", self.root, self._kho_children))
+        self.out = self._add(Dir(self, "out", self.kho, self._out_children))
+        self.out_sub = self._add(Dir(self, "sub_fdts", self.out, lambda: self._blob_children("sub_fdts")))
+        self.scratch_phys = self._add(ShowFile(self, "scratch_phys", self.out, 0o400,
+                                               machine.scratch_phys_text))
+        self.scratch_len = self._add(ShowFile(self, "scratch_len", self.out, 0o400,
+                                              machine.scratch_len_text))
+        self.finalize = self._add(AttrFile(self, "finalize", self.out, 0o600,
+                                           lambda: int(kho_out.finalized), kho_out.set_finalize))
+
+    def next_ino(self) -> int:
+        self._ino += 1
+        return self._ino
+
+    def _add(self, node: Node) -> Node:
+        self.nodes[node.ino] = node
+        return node
+
+    # -- dynamic children --------------------------------------------------------
+    def _root_children(self):
+        return [self.kho] if self.kho else []
+
+    def _kho_children(self):
+        return [self.out]
+
+    def _sync_blobs(self):
+        """Create nodes for new kho_out blobs; mark vanished ones gone."""
+        live = {}
+        for dirname, blob in self.machine.kho_out.fdt_list:
+            key = (dirname, blob.seq)
+            node = self.blob_nodes.get(key)
+            if node is None:
+                parent = self.out if dirname == "out" else self.out_sub
+                node = self._add(BlobFile(self, blob.name, parent, blob, self.machine.mem))
+            live[key] = node
+        for key, node in self.blob_nodes.items():
+            if key not in live:
+                node.gone = True
+        self.blob_nodes = live
+
+    def _blob_children(self, dirname):
+        self._sync_blobs()
+        return [n for (d, _), n in self.blob_nodes.items() if d == dirname]
+
+    def _out_children(self):
+        return [self.out_sub, self.scratch_phys, self.scratch_len, self.finalize] + \
+            self._blob_children("out")
+
+    # -- lookups -----------------------------------------------------------------
+    def get(self, ino: int) -> Node:
+        if self.kho is not None:
+            self._sync_blobs()
+        node = self.nodes.get(ino)
+        if node is None or node.gone:
+            raise KernelError(errno.ENOENT)
+        return node
+
+    def lookup(self, parent: Node, name: str) -> Node:
+        if not parent.is_dir():
+            raise KernelError(errno.ENOTDIR)
+        for child in parent.children():
+            if child.name == name:
+                return child
+        raise KernelError(errno.ENOENT)
+
+    def listdir(self, d: Dir) -> list[Node]:
+        """Children newest first, as dcache_readdir shows debugfs entries."""
+        return sorted(d.children(), key=lambda n: n.seq, reverse=True)
+
+    def resolve(self, path: str) -> Node:
+        node = self.root
+        for part in [p for p in path.split("/") if p]:
+            node = self.lookup(node, part)
+        return node
+
+    def forget(self, ino: int) -> None:
+        node = self.nodes.get(ino)
+        if node is not None and node.gone:
+            del self.nodes[ino]

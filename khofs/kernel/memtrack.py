@@ -1,0 +1,212 @@
+"""The preservation tracker and its serialized form, the khoser_mem_chunk list.
+
+Like the kernel, the tracker keeps, per order, sparse bitmaps that live in (simulated) memory
+pages; serialization writes chunks that point at those very bitmaps. Nothing here is per page:
+ranges become bitmap slices, so terabytes of preserved memory stay cheap.
+"""
+
+import errno
+import struct
+
+import numpy as np
+
+from .errors import KernelError
+from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, PhysMem
+
+CHUNK_HDR = struct.Struct("<QII")           # next, order, num_elms
+CHUNK_ELM = struct.Struct("<QQ")            # phys_start, bitmap
+KHOSER_BITMAP_SIZE = (PAGE_SIZE - CHUNK_HDR.size) // CHUNK_ELM.size   # 255
+
+
+def _set_bits(bm: np.ndarray, lo: int, hi: int, value: bool) -> None:
+    """Set or clear bits [lo, hi) of a Linux bitmap held as little-endian bytes."""
+    if hi <= lo:
+        return
+    b0, b1 = lo >> 3, (hi - 1) >> 3
+    m0 = (0xFF << (lo & 7)) & 0xFF
+    m1 = 0xFF >> (7 - ((hi - 1) & 7))
+    if b0 == b1:
+        m = m0 & m1
+        bm[b0] = (bm[b0] | m) if value else (bm[b0] & ~m & 0xFF)
+        return
+    if value:
+        bm[b0] |= m0
+        bm[b0 + 1:b1] = 0xFF
+        bm[b1] |= m1
+    else:
+        bm[b0] &= ~m0 & 0xFF
+        bm[b0 + 1:b1] = 0
+        bm[b1] &= ~m1 & 0xFF
+
+
+def bitmap_runs(bm: np.ndarray):
+    """(first, last+1) bit index of every run of set bits."""
+    if not bm.any():
+        return []
+    bits = np.unpackbits(bm, bitorder="little").astype(np.int8)
+    edges = np.diff(np.concatenate(([0], bits, [0])))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def split_orders(pfn: int, end_pfn: int):
+    """The kernel's greedy split of [pfn, end_pfn) into naturally aligned blocks."""
+    while pfn < end_pfn:
+        tz = (pfn & -pfn).bit_length() - 1 if pfn else 64
+        order = min(tz, (end_pfn - pfn).bit_length() - 1)
+        yield pfn, order
+        pfn += 1 << order
+
+
+class MemTracker:
+    """kho_mem_track: order -> {bitmap index -> phys of a bitmap of `bits` bits}."""
+
+    def __init__(self, mem: PhysMem, kmalloc: Kmalloc, bits: int):
+        self.mem = mem
+        self.kmalloc = kmalloc
+        self.bits = bits                 # PRESERVE_BITS
+        self.bitmap_bytes = bits // 8
+        self.orders: dict[int, dict[int, int]] = {}
+
+    def _bitmap(self, phys: int) -> np.ndarray:
+        pfn, off = divmod(phys, PAGE_SIZE)
+        return np.frombuffer(self.mem.page(pfn), dtype=np.uint8, count=self.bitmap_bytes, offset=off)
+
+    def set_range(self, first: int, count: int, order: int) -> None:
+        """Mark `count` consecutive order-`order` blocks, the first at block index `first`."""
+        physxa = self.orders.get(order)
+        if physxa is None:
+            physxa = self.orders[order] = {}
+        pos, end = first, first + count
+        while pos < end:
+            idx, lo = divmod(pos, self.bits)
+            hi = min(self.bits, lo + (end - pos))
+            bphys = physxa.get(idx)
+            if bphys is None:
+                bphys = physxa[idx] = self.kmalloc.kzalloc(self.bitmap_bytes)
+            _set_bits(self._bitmap(bphys), lo, hi, True)
+            pos += hi - lo
+
+    def clear_range(self, first: int, count: int, order: int) -> None:
+        """Clear bits; like the kernel, empty bitmaps are kept (and serialized)."""
+        physxa = self.orders.get(order)
+        if physxa is None:
+            return
+        pos, end = first, first + count
+        while pos < end:
+            idx, lo = divmod(pos, self.bits)
+            hi = min(self.bits, lo + (end - pos))
+            bphys = physxa.get(idx)
+            if bphys is not None:
+                _set_bits(self._bitmap(bphys), lo, hi, False)
+            pos += hi - lo
+
+    def preserve_blocks(self, pfn: int, count: int, order: int) -> None:
+        if pfn % (1 << order):
+            raise KernelError(errno.EINVAL, f"pfn {pfn:#x} is not aligned to order {order}")
+        self.set_range(pfn >> order, count, order)
+
+    def unpreserve_blocks(self, pfn: int, count: int, order: int) -> None:
+        self.clear_range(pfn >> order, count, order)
+
+    def preserve_pages(self, pfn: int, nr_pages: int) -> None:
+        done = []
+        try:
+            for p, order in split_orders(pfn, pfn + nr_pages):
+                self.preserve_blocks(p, 1, order)
+                done.append((p, order))
+        except KernelError:
+            for p, order in done:
+                self.unpreserve_blocks(p, 1, order)
+            raise
+
+    def unpreserve_pages(self, pfn: int, nr_pages: int) -> None:
+        for p, order in split_orders(pfn, pfn + nr_pages):
+            self.unpreserve_blocks(p, 1, order)
+
+    def destroy(self) -> None:
+        """Free every bitmap and forget all preservations (kho_abort's first half)."""
+        for physxa in self.orders.values():
+            for bphys in physxa.values():
+                self.kmalloc.kfree(bphys)
+        self.orders = {}
+
+    def preserved_bytes(self) -> int:
+        total = 0
+        for order, physxa in self.orders.items():
+            n = sum(int(np.bitwise_count(self._bitmap(b)).sum()) for b in physxa.values())
+            total += n << (order + PAGE_SHIFT)
+        return total
+
+    def is_preserved(self, phys: int, order: int) -> bool:
+        blk = phys >> (PAGE_SHIFT + order)
+        bphys = self.orders.get(order, {}).get(blk // self.bits)
+        if bphys is None:
+            return False
+        b = blk % self.bits
+        return bool(self._bitmap(bphys)[b >> 3] & (1 << (b & 7)))
+
+    def serialize(self) -> tuple[int, list[int]]:
+        """kho_mem_serialize: write the chunk list. Returns (first chunk phys or 0, chunk pages)."""
+        chunks: list[int] = []
+        cur = None
+        nelms = 0
+
+        def new_chunk(order: int) -> int:
+            phys = self.kmalloc.kzalloc(PAGE_SIZE)
+            self.mem.write(phys, CHUNK_HDR.pack(0, order, 0))
+            if chunks:
+                self.mem.write(chunks[-1], struct.pack("<Q", phys))
+            chunks.append(phys)
+            return phys
+
+        try:
+            for order in sorted(self.orders):
+                cur, nelms = new_chunk(order), 0
+                for idx in sorted(self.orders[order]):
+                    if nelms == KHOSER_BITMAP_SIZE:
+                        cur, nelms = new_chunk(order), 0
+                    start = (idx * self.bits) << (order + PAGE_SHIFT)
+                    self.mem.write(cur + CHUNK_HDR.size + nelms * CHUNK_ELM.size,
+                                   CHUNK_ELM.pack(start, self.orders[order][idx]))
+                    nelms += 1
+                    self.mem.write(cur + 12, struct.pack("<I", nelms))
+        except KernelError:
+            for c in chunks:
+                self.kmalloc.kfree(c)
+            raise
+        return (chunks[0] if chunks else 0), chunks
+
+
+class MapError(Exception):
+    """The serialized memory map cannot be walked."""
+
+
+def walk_memory_map(mem: PhysMem, first: int, bits: int, max_chunks: int = 1 << 20):
+    """The next kernel's reader: yields (order, phys, size) runs of preserved blocks.
+
+    Consecutive set bits become one run; every block in a run has the same order.
+    """
+    phys = first
+    seen = 0
+    bitmap_bytes = bits // 8
+    while phys:
+        if phys % PAGE_SIZE or phys + PAGE_SIZE > mem.size:
+            raise MapError(f"chunk at {phys:#x} is not a page of memory")
+        seen += 1
+        if seen > max_chunks:
+            raise MapError("chunk list does not end (loop?)")
+        page = mem.read(phys, PAGE_SIZE)
+        nxt, order, num = CHUNK_HDR.unpack_from(page)
+        if num > KHOSER_BITMAP_SIZE:
+            raise MapError(f"chunk at {phys:#x} claims {num} bitmaps (at most {KHOSER_BITMAP_SIZE})")
+        if order > 64 - PAGE_SHIFT:
+            raise MapError(f"chunk at {phys:#x} has order {order}")
+        bsize = 1 << (order + PAGE_SHIFT)
+        for i in range(num):
+            start, bphys = CHUNK_ELM.unpack_from(page, CHUNK_HDR.size + i * CHUNK_ELM.size)
+            if bphys + bitmap_bytes > mem.size:
+                raise MapError(f"bitmap at {bphys:#x} is outside memory")
+            bm = np.frombuffer(mem.read(bphys, bitmap_bytes), dtype=np.uint8)
+            for lo, hi in bitmap_runs(bm):
+                yield order, start + lo * bsize, (hi - lo) * bsize
+        phys = nxt

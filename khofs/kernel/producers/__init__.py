@@ -1,0 +1,1 @@
+"""Emulated KHO users: the producers on kho_out's notifier chain."""

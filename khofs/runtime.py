@@ -1,0 +1,66 @@
+"""Where a mount's daemon keeps its pid and log, found from the mount point alone."""
+
+import hashlib
+import json
+import os
+
+
+def runtime_dir() -> str:
+    if os.geteuid() == 0:
+        base = "/run/khofs"
+    else:
+        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/khofs-{os.getuid()}", "khofs")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base
+
+
+# Callers pass mount points already made absolute and resolved: resolving a path on a live
+# mount from inside its own daemon before the FUSE loop runs would deadlock.
+def mount_key(mountpoint: str) -> str:
+    return hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
+
+
+def paths(mountpoint: str) -> dict:
+    base = os.path.join(runtime_dir(), mount_key(mountpoint))
+    return {"info": base + ".json", "log": base + ".log", "sock": base + ".sock"}
+
+
+def write_info(mountpoint: str, **info) -> None:
+    p = paths(mountpoint)["info"]
+    tmp = p + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"mountpoint": mountpoint, **info}, f)
+    os.replace(tmp, p)
+
+
+def read_info(mountpoint: str):
+    try:
+        with open(paths(mountpoint)["info"]) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def remove_info(mountpoint: str) -> None:
+    for p in (paths(mountpoint)["info"],):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def find_mount(mountpoint: str):
+    """The mountinfo entry (fstype, source) for the mount point, or None. Works for dead mounts."""
+    target = mountpoint
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if _unescape(fields[4]) == target:
+                found = (fields[sep + 1], fields[sep + 2])
+    return found
