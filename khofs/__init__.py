@@ -1,3 +1,11 @@
 """khofs: Linux Kexec HandOver (KHO) debugfs, emulated over FUSE."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The client is importable as khofs.Client without loading pyfuse3 for every user.
+    if name == "Client":
+        from .client import Client
+        return Client
+    raise AttributeError(name)

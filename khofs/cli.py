@@ -39,32 +39,38 @@ def cmd_mount(args) -> int:
     return _mount_background(args, mnt)
 
 
-def _build_machine(args):
-    from .kernel.machine import Machine, MachineConfig
+def _boot_host(args):
+    from .host import Host
+    from .kernel.machine import MachineConfig
     cfg = MachineConfig(memory=args.memory, nodes=args.nodes, boot_reserved=args.boot_reserved,
                         abi=args.abi)
-    return Machine(args.cmdline, cfg)
+    state = os.path.abspath(args.state) if args.state else None
+    return Host.boot(args.cmdline, cfg, state, log=lambda text: print(text, file=sys.stderr,
+                                                                       flush=True))
 
 
 def _mount_foreground(args, mnt) -> int:
     from .daemon import Daemon, report
     fd = args.ready_fd
     try:
-        machine = _build_machine(args)
-    except ValueError as e:
+        host = _boot_host(args)
+    except (ValueError, OSError) as e:
         report(fd, error=str(e))
         _err(str(e))
         return EXIT_USAGE
-    for line in machine.warnings():
-        report(fd, stderr=f"kernel: {line.text}")
-        if fd is None:
-            print(f"kernel: {line.text}", file=sys.stderr)
-    for why in machine.ignored:
-        report(fd, stderr=f"khofs: {why}")
-        if fd is None:
+    machine = host.machine
+    if fd is not None:
+        for line in machine.warnings():
+            report(fd, stderr=f"kernel: {line.text}")
+        for why in machine.ignored:
+            report(fd, stderr=f"khofs: {why}")
+        for note in machine.kexec_notes:
+            report(fd, stderr=f"khofs: kexec: {note}")
+    else:
+        for why in machine.ignored:
             _err(why)
     opts = [o for o in (args.options or "").split(",") if o]
-    daemon = Daemon(mnt, machine, stat_size=args.stat_size, fuse_options=opts,
+    daemon = Daemon(mnt, host, stat_size=args.stat_size, fuse_options=opts,
                     debug_fuse=args.debug_fuse)
     try:
         daemon.mount()
@@ -72,7 +78,8 @@ def _mount_foreground(args, mnt) -> int:
         report(fd, error=f"cannot mount on {mnt}: {e}")
         _err(f"cannot mount on {mnt}: {e}")
         return EXIT_FAIL
-    runtime.write_info(mnt, pid=os.getpid(), abi=args.abi, cmdline=args.cmdline)
+    runtime.write_info(mnt, pid=os.getpid(), sock=daemon.sock_path,
+                       state=os.path.abspath(args.state) if args.state else None)
 
     def ready():
         report(fd, ready=True, pid=os.getpid())
@@ -91,6 +98,8 @@ def _mount_background(args, mnt) -> int:
             "--stat-size", args.stat_size]
     if args.options:
         argv += ["-o", args.options]
+    if args.state:
+        argv += ["--state", os.path.abspath(args.state)]
     if args.debug_fuse:
         argv.append("--debug-fuse")
     with open(log_path, "ab") as logf:
@@ -163,6 +172,166 @@ def cmd_umount(args) -> int:
     return EXIT_OK
 
 
+# -- control-plane commands ----------------------------------------------------------
+def _client(mnt):
+    from .client import Client
+    return Client(mnt)
+
+
+def _num(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal or 0x hex)") from None
+
+
+def _load_blob(path: str) -> bytes:
+    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    if data[:4] == b"\xd0\x0d\xfe\xed":
+        return data
+    # DTS text: compile with dtc so the bytes are exactly what `dtc -I dts -O dtb` gives.
+    r = subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-o", "-", "-"], input=data,
+                       capture_output=True)
+    if r.returncode != 0:
+        raise ValueError(f"{path}: dtc cannot compile it: {r.stderr.decode().strip()}")
+    return r.stdout
+
+
+def _print_result(args, result: dict, text: str | None = None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    elif text is not None:
+        print(text)
+
+
+def cmd_ctl(args) -> int:
+    from .client import ControlError
+    try:
+        with _client(args.mountpoint) as c:
+            return _ctl(args, c)
+    except ControlError as e:
+        _err(f"{args.mountpoint}: {e.strerror} [{errno_name(e.errno)}]")
+        return EXIT_FAIL
+    except (OSError, ValueError) as e:
+        _err(str(e))
+        return EXIT_FAIL
+
+
+def errno_name(n) -> str:
+    import errno as _e
+    return _e.errorcode.get(n, str(n))
+
+
+def _ctl(args, c) -> int:
+    import base64
+    a = args.action
+    if a == "mem":
+        if args.mem_action == "alloc":
+            r = c.call("mem_alloc", size=args.size)
+            _print_result(args, r, f"0x{r['phys']:x}")
+        elif args.mem_action == "free":
+            c.call("mem_free", phys=args.phys)
+        elif args.mem_action == "write":
+            data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+            r = c.call("mem_write", phys=args.phys, data=base64.b64encode(data).decode())
+            _print_result(args, r)
+        elif args.mem_action == "read":
+            sys.stdout.buffer.write(c.mem_read(args.phys, args.size))
+            sys.stdout.flush()
+    elif a == "subtree":
+        if args.sub_action == "add":
+            r = c.call("subtree_add", name=args.name,
+                       blob=base64.b64encode(_load_blob(args.file)).decode(),
+                       preserve=not args.no_preserve)
+            _print_result(args, r, f"0x{r['phys']:x}")
+        elif args.sub_action == "remove":
+            c.call("subtree_remove", name=args.name)
+        else:
+            r = c.call("subtree_list")
+            rows = [f"{s['name']}\t0x{s['phys']:x}\t{s['size']}" +
+                    ("" if s["preserve"] else "\tno-preserve") for s in r["subtrees"]]
+            _print_result(args, r, "\n".join(rows) or None)
+    elif a == "preserve":
+        c.call("preserve", phys=args.phys, size=args.size)
+    elif a == "unpreserve":
+        c.call("unpreserve", phys=args.phys, size=args.size)
+    elif a == "preserve-folio":
+        c.call("preserve_folio", phys=args.phys, order=args.order, count=args.count)
+    elif a == "unpreserve-folio":
+        c.call("unpreserve_folio", phys=args.phys, order=args.order)
+    elif a == "fail":
+        c.call("fail", op=args.op, errno=args.errno)
+    elif a == "test-kho":
+        c.call("test_kho", **({"seed": args.seed} if args.seed is not None else {}))
+    elif a == "log":
+        r = c.call("log")
+        _print_result(args, r, "\n".join(r["lines"]))
+    return EXIT_OK
+
+
+def cmd_kexec(args) -> int:
+    from .client import ControlError
+    words = args.words
+    if len(words) == 1:
+        step, mnt = "both", words[0]
+    elif len(words) == 2 and words[0] in ("load", "exec"):
+        step, mnt = words
+    else:
+        _err("usage: khofs kexec [load|exec] MOUNTPOINT [--cmdline ...] [--release ...]")
+        return EXIT_USAGE
+    fields = {}
+    if args.cmdline is not None:
+        fields["cmdline"] = args.cmdline
+    if args.release is not None:
+        fields["release"] = args.release
+    if step == "exec" and fields:
+        _err("--cmdline and --release go with the load step")
+        return EXIT_USAGE
+    try:
+        with _client(mnt) as c:
+            r = c.call({"both": "kexec", "load": "kexec_load", "exec": "kexec_exec"}[step], **fields)
+    except ControlError as e:
+        _err(f"kexec: {e.strerror} [{errno_name(e.errno)}]")
+        return EXIT_FAIL
+    for note in r.get("notes", []):
+        print(f"khofs: kexec: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif step == "load":
+        print(f"loaded {r['release']}: " + ("carries the KHO handover" if r["handover"]
+                                          else "carries no KHO handover"))
+    else:
+        for line in r["log"]:
+            print(line)
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from .client import ControlError
+    try:
+        with _client(args.mountpoint) as c:
+            st = c.status()
+    except ControlError as e:
+        _err(f"{args.mountpoint}: {e.strerror}")
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    print(f"release:          {st['release']} (ABI {st['abi']})")
+    print(f"previous release: {st['previous_release'] or '-'}")
+    print(f"kexec count:      {st['kexec_count']}")
+    print(f"cmdline:          {st['cmdline']}")
+    print(f"KHO:              {'enabled' if st['kho_enabled'] else 'disabled'}"
+          f"{', handover received' if st['kho_in'] else ''}")
+    print(f"finalized:        {int(st['finalized'])}")
+    print(f"preserved:        {st['preserved_bytes']} bytes")
+    for i, s in enumerate(st["scratch"]):
+        print(f"scratch[{i}]:       0x{s['addr']:x} + 0x{s['size']:x}")
+    for n in st["kexec_notes"]:
+        print(f"kexec note:       {n}")
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="khofs", description=(
@@ -191,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "work) or 0 as debugfs reports")
     m.add_argument("-o", dest="options", metavar="OPTS",
                    help="FUSE mount options, comma separated (e.g. allow_other,auto_unmount)")
+    m.add_argument("--state", metavar="DIR",
+                   help="keep each kexec's handover in DIR (created 0700); a mount on a DIR "
+                   "that holds one boots from it")
     m.add_argument("--foreground", "-f", action="store_true", help="stay attached")
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -199,6 +371,67 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount and stop the daemon (also clears a dead mount)")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.set_defaults(func=cmd_umount)
+
+    k = sub.add_parser("kexec", help="kexec the emulated kernel (load and exec, or one step)",
+                       description="khofs kexec MNT = kexec -s -l + kexec -e; `khofs kexec load "
+                       "MNT` and `khofs kexec exec MNT` are the two steps apart. In ABI 6.18 the "
+                       "handover is attached at load time, and only if finalized.")
+    k.add_argument("words", nargs="+", metavar="[load|exec] MOUNTPOINT")
+    k.add_argument("--cmdline", help="command line of the next kernel (default: the current one)")
+    k.add_argument("--release", help="uname -r of the next kernel")
+    k.add_argument("--json", action="store_true", help="print the result as JSON")
+    k.set_defaults(func=cmd_kexec)
+
+    st = sub.add_parser("status", help="what the emulated kernel is doing")
+    st.add_argument("mountpoint", metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("ctl", help="act as a kernel subsystem: memory, preservation, subtrees, faults")
+    c.add_argument("mountpoint", metavar="MOUNTPOINT")
+    c.add_argument("--json", action="store_true", help="print results as JSON")
+    csub = c.add_subparsers(dest="action", metavar="ACTION", required=True)
+    mem = csub.add_parser("mem", help="simulated physical memory")
+    msub = mem.add_subparsers(dest="mem_action", required=True)
+    x = msub.add_parser("alloc", help="allocate SIZE bytes (whole pages); prints the address")
+    x.add_argument("size", type=_size)
+    x = msub.add_parser("free", help="free an allocation")
+    x.add_argument("phys", type=_num)
+    x = msub.add_parser("write", help="write a file's bytes (or - for stdin) at PHYS")
+    x.add_argument("phys", type=_num)
+    x.add_argument("file")
+    x = msub.add_parser("read", help="write SIZE bytes at PHYS to stdout")
+    x.add_argument("phys", type=_num)
+    x.add_argument("size", type=_size)
+    sb = csub.add_parser("subtree", help="a producer's sub-FDT")
+    ssub = sb.add_subparsers(dest="sub_action", required=True)
+    x = ssub.add_parser("add", help="register NAME with a .dts or .dtb (or - for stdin)")
+    x.add_argument("name")
+    x.add_argument("file")
+    x.add_argument("--no-preserve", action="store_true",
+                   help="do not preserve the blob's pages (the classic misuse)")
+    x = ssub.add_parser("remove", help="unregister NAME")
+    x.add_argument("name")
+    ssub.add_parser("list", help="registered subtrees")
+    for name, hlp in (("preserve", "kho_preserve_pages of [PHYS, PHYS+SIZE)"),
+                      ("unpreserve", "kho_unpreserve_pages of [PHYS, PHYS+SIZE)")):
+        x = csub.add_parser(name, help=hlp)
+        x.add_argument("phys", type=_num)
+        x.add_argument("size", type=_size)
+    x = csub.add_parser("preserve-folio", help="kho_preserve_folio of an order-ORDER folio")
+    x.add_argument("phys", type=_num)
+    x.add_argument("order", type=int)
+    x.add_argument("--count", type=int, default=1, help="COUNT consecutive folios")
+    x = csub.add_parser("unpreserve-folio", help="kho_unpreserve_folio")
+    x.add_argument("phys", type=_num)
+    x.add_argument("order", type=int)
+    x = csub.add_parser("fail", help="the next OP (finalize|abort) fails with ERRNO (e.g. ENOMEM)")
+    x.add_argument("op", choices=["finalize", "abort"])
+    x.add_argument("errno")
+    x = csub.add_parser("test-kho", help="load the KHO test module now")
+    x.add_argument("--seed", type=int)
+    csub.add_parser("log", help="the kernel log of this boot")
+    c.set_defaults(func=cmd_ctl)
     return p
 
 
@@ -208,7 +441,12 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

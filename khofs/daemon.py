@@ -1,28 +1,31 @@
 """The khofs daemon: the emulated kernel behind a FUSE mount, until unmounted or signalled."""
 
 import json
-import logging
 import os
 import signal
+import sys
 
 import pyfuse3
 import trio
 
-from . import runtime
-from .debugfs import Tree
+from . import control, runtime
 from .fuse import KhoOperations
-from .kernel.machine import Machine
+from .host import Host
 
-log = logging.getLogger("khofs")
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 class Daemon:
-    def __init__(self, mountpoint: str, machine: Machine, stat_size: str = "content",
+    def __init__(self, mountpoint: str, host: Host, stat_size: str = "content",
                  fuse_options=(), debug_fuse: bool = False):
-        self.mountpoint = mountpoint
-        self.machine = machine
-        self.tree = Tree(machine)
-        self.ops = KhoOperations(self.tree, stat_size)
+        self.mountpoint = mountpoint          # absolute and resolved by the caller
+        self.host = host
+        self.ops = KhoOperations(host.tree, stat_size)
+        host.on_new_tree.append(self.ops.set_tree)
+        self.control = control.Control(host)
+        self.sock_path = runtime.paths(mountpoint)["sock"]
         self.options = set(pyfuse3.default_options)     # default_permissions: the kernel checks modes
         self.options |= {"fsname=khofs", "subtype=khofs"}
         self.options |= set(fuse_options)
@@ -31,19 +34,20 @@ class Daemon:
         self._mounted = False
 
     def mount(self) -> None:
-        pyfuse3.init(self.ops, self.mountpoint, list(self.options))
+        pyfuse3.init(self.ops, self.mountpoint, sorted(self.options))
         self._mounted = True
 
-    async def _signals(self, cancel_scope):
+    async def _signals(self):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
-                log.info("signal %d: unmounting", sig)
+                log(f"khofs: signal {sig}: unmounting")
                 pyfuse3.terminate()
                 return
 
     async def _main(self, on_ready):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._signals, nursery.cancel_scope)
+            nursery.start_soon(self._signals)
+            await nursery.start(control.serve, self.control, self.sock_path)
             if on_ready:
                 on_ready()
             await pyfuse3.main()
@@ -56,6 +60,11 @@ class Daemon:
             if self._mounted:
                 pyfuse3.close(unmount=True)
                 self._mounted = False
+            for p in (self.sock_path,):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
             runtime.remove_info(self.mountpoint)
 
 

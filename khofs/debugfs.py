@@ -163,12 +163,15 @@ class BlobHandle(Handle):
 class Tree:
     """The debugfs root and everything under it, for one boot of the machine."""
 
-    def __init__(self, machine: Machine):
+    def __init__(self, machine: Machine, last_ino: int = ROOT_INO - 1):
+        # Inode numbers keep counting across boots (a kexec) so stale ones never alias.
         self._ino = ROOT_INO - 1
         self.nodes: dict[int, Node] = {}
         self.machine = machine
         self.root = self._add(Dir(self, "", None, self._root_children, mode=0o700))
-        self.kho = self.out = self.out_sub = None
+        self._ino = max(self._ino, last_ino)
+        self.kho = self.out = self.out_sub = self.in_ = None
+        self.in_children: list[Node] = []
         self.blob_nodes: dict[tuple, BlobFile] = {}
         kho_out = machine.kho_out
         if kho_out is None:
@@ -182,6 +185,21 @@ class Tree:
                                               machine.scratch_len_text))
         self.finalize = self._add(AttrFile(self, "finalize", self.out, 0o600,
                                            lambda: int(kho_out.finalized), kho_out.set_finalize))
+        kho_in = machine.kho_in
+        if kho_in is not None:
+            # kho_in_debugfs_init: in/, in/sub_fdts/, in/fdt, then one blob per subtree.
+            from .kernel.fdt import totalsize
+            from .kernel.kho import Blob
+            self.in_ = self._add(Dir(self, "in", self.kho, lambda: self.in_children))
+            in_sub_children: list[Node] = []
+            in_sub = self._add(Dir(self, "sub_fdts", self.in_, lambda: in_sub_children))
+            size = totalsize(machine.mem.read(kho_in.fdt_phys, 8))
+            in_fdt = self._add(BlobFile(self, "fdt", self.in_, Blob("fdt", kho_in.fdt_phys, size),
+                                        machine.mem))
+            self.in_children = [in_sub, in_fdt]
+            for name, phys, bsize in kho_in.blobs:
+                in_sub_children.append(self._add(BlobFile(self, name, in_sub, Blob(name, phys, bsize),
+                                                          machine.mem)))
 
     def next_ino(self) -> int:
         self._ino += 1
@@ -196,7 +214,7 @@ class Tree:
         return [self.kho] if self.kho else []
 
     def _kho_children(self):
-        return [self.out]
+        return [self.out] + ([self.in_] if self.in_ else [])
 
     def _sync_blobs(self):
         """Create nodes for new kho_out blobs; mark vanished ones gone."""

@@ -42,7 +42,7 @@ def read_info(mountpoint: str):
 
 
 def remove_info(mountpoint: str) -> None:
-    for p in (paths(mountpoint)["info"],):
+    for p in (paths(mountpoint)["info"], paths(mountpoint)["sock"]):
         try:
             os.unlink(p)
         except FileNotFoundError:

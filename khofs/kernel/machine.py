@@ -1,17 +1,26 @@
-"""One boot of the emulated machine: command line, memory, KHO state."""
+"""One boot of the emulated machine: command line, memory, KHO state; kexec to the next."""
 
-from dataclasses import dataclass, field
+import errno
+from dataclasses import asdict, dataclass
 
 from .cmdline import parameq, split_cmdline
 from .errors import KernelError
+from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
+from .handover import Handover, KexecImage
 from .kho import KhoOut
+from .kho_in import kho_populate, preserved_runs, retrieve_subtree, sub_fdt_entries
 from .kstrtox import kstrtobool
-from .physmem import SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem
-from .producers.memblock import MemblockProducer, parse_reserve_mem
-from .profile import get_profile, DEFAULT_PROFILE
-from .scratch import ScratchConfig, format_lines, parse_kho_scratch, reserve_scratch
+from .physmem import PAGE_SHIFT, PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem, RangeSet
+from .producers.memblock import (MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE,
+                                 RESERVE_MEM_KHO_NODE_COMPATIBLE, MemblockProducer, ReserveMem,
+                                 parse_reserve_mem)
+from .producers.test_kho import KHO_TEST_FDT, PREFIX as TEST_PREFIX, TestKho
+from .producers.test_kho import restore as test_kho_restore
+from .profile import DEFAULT_PROFILE, get_profile
+from .scratch import ScratchConfig, encode_scratch, format_lines, parse_kho_scratch, reserve_scratch
 
 KERNEL_LOAD_ADDR = 16 * SZ_1M     # x86 LOAD_PHYSICAL_ADDR: where boot reservations start
+KEXEC_SEGMENT_ALIGN = 64 << 10    # the scratch array segment is 64 KiB aligned
 
 
 @dataclass
@@ -29,31 +38,58 @@ class LogLine:
 
 
 class Machine:
-    def __init__(self, cmdline: str = "kho=on", config: MachineConfig | None = None):
+    def __init__(self, cmdline: str = "kho=on", config: MachineConfig | None = None,
+                 handover: Handover | None = None, release: str | None = None):
         self.config = config = config or MachineConfig()
         self.cmdline = cmdline
         self.profile = get_profile(config.abi)
+        self.release = release or self.profile.release
+        self.kexec_count = handover.kexec_count if handover else 0
+        self.previous_release = handover.previous_release if handover else None
         self.dmesg: list[LogLine] = []
         # What of the command line had no effect, and why (the kernel is often silent on it).
         self.ignored: list[str] = []
+        # What khofs saw at the kexec that brought up this boot (e.g. unpreserved sub-FDTs).
+        self.kexec_notes: list[str] = list(handover.notes) if handover else []
+        self.image: KexecImage | None = None
         self.mem = PhysMem(config.memory, config.nodes)
         self.memblock = Memblock(self.mem)
-        # Firmware's low 1 MiB, then the kernel image and its early allocations.
-        self.memblock.reserve(0, SZ_1M)
-        if KERNEL_LOAD_ADDR + config.boot_reserved > self.mem.nodes[0][1]:
-            raise ValueError("--boot-reserved does not fit in node 0")
-        self.memblock.reserve(KERNEL_LOAD_ADDR, config.boot_reserved, kern=True)
+        self.memblock.reserve(0, SZ_1M)                  # firmware's low 1 MiB
+        if self.previous_release is not None:
+            self.info(f"khofs: exec from: {self.previous_release} (count {self.kexec_count})")
+
+        self.kho_in = None
+        if handover is not None and handover.fdt_phys is not None:
+            for pfn, data in handover.pages.items():
+                self.mem.pages[pfn] = bytearray(data)
+            self.kho_in = kho_populate(self.mem, handover.fdt_phys, handover.scratch_phys,
+                                       handover.scratch_len, self.info_or_warn)
+            if self.kho_in is None:
+                self.mem.pages.clear()
+            else:
+                self.memblock.reserve(handover.scratch_phys, handover.scratch_len)
+                self.memblock.scratch_only = RangeSet((a, a + s) for a, s in self.kho_in.scratch)
+        if self.kho_in is None:
+            if KERNEL_LOAD_ADDR + config.boot_reserved > self.mem.nodes[0][1]:
+                raise ValueError("--boot-reserved does not fit in node 0")
+            # The kernel image and its early allocations. After a KHO kexec they live in scratch.
+            self.memblock.reserve(KERNEL_LOAD_ADDR, config.boot_reserved, kern=True)
 
         self.kho_enable = False
+        self.test_kho = False
         self.scratch_cfg = ScratchConfig()
-        self.reserve_mem: list = []
+        self.reserve_mem: list[ReserveMem] = []
         params = split_cmdline(cmdline)
         self._early_params(params)
         self._setup_params(params)
 
         self.scratch_array = 0
         self.scratch: list[tuple[int, int]] = []
-        if self.kho_enable:
+        self.preserved = RangeSet()         # what this boot found preserved (kho_mem_deserialize)
+        self.incoming_runs: list = []
+        if self.kho_in is not None:
+            self._kho_memory_init_incoming()
+        elif self.kho_enable:
             res = reserve_scratch(self.memblock, self.scratch_cfg)
             if res is None:
                 self.kho_enable = False
@@ -67,9 +103,13 @@ class Machine:
         self.kmalloc = Kmalloc(self.pages)
         self.kho_out = None
         if self.kho_enable:
-            self.kho_out = KhoOut(self.mem, self.pages, self.kmalloc, self.profile, self.info)
+            self.kho_out = KhoOut(self.mem, self.pages, self.kmalloc, self.profile, self.log_line)
+            if self.test_kho:
+                self._test_kho_init()
             if self.reserve_mem:
                 self.kho_out.register_notifier(MemblockProducer(self.kho_out, self.reserve_mem))
+            if self.kho_in is not None:
+                self.kho_in.blobs = sub_fdt_entries(self.mem, self.kho_in.fdt_phys, self.warn)
 
     # -- logging ------------------------------------------------------------
     def info(self, text: str) -> None:
@@ -78,18 +118,29 @@ class Machine:
     def warn(self, text: str) -> None:
         self.dmesg.append(LogLine("warn", text))
 
+    def info_or_warn(self, text: str) -> None:
+        (self.info if "found kexec handover" in text else self.warn)(text)
+
+    def log_line(self, text: str) -> None:
+        (self.warn if "Failed" in text else self.info)(text)
+
     def warnings(self):
         return [line for line in self.dmesg if line.level in ("warn", "err")]
 
-    # -- early parameters -----------------------------------------------------
+    # -- parameters -----------------------------------------------------------
     def _early_params(self, params) -> None:
         for param, val in params:
             try:
                 if parameq(param, "kho"):
                     self.kho_enable = kstrtobool(val)
+                elif parameq(param, "khofs.test_kho"):
+                    self.test_kho = kstrtobool(val)
                 elif parameq(param, "kho_scratch"):
                     msg = parse_kho_scratch(val, self.scratch_cfg, self.profile.strict_scratch)
                     self.info("KHO: " + msg)
+                    if self.kho_in is not None:
+                        self.ignored.append(f"kho_scratch={val}: ignored after a KHO kexec, the "
+                                            "scratch areas of the previous kernel are reused")
             except KernelError as e:
                 self.warn(f"Malformed early option '{param}'")
                 self.ignored.append(f"{_shown(param, val)}: ignored, {e.message}")
@@ -99,9 +150,85 @@ class Machine:
         for param, val in params:
             if param == "reserve_mem":
                 try:
-                    parse_reserve_mem(val, self.reserve_mem, self.memblock)
+                    parse_reserve_mem(val, self.reserve_mem, self.memblock, self._reserve_mem_revive)
                 except KernelError as e:
                     self.ignored.append(f"{_shown(param, val)}: ignored, {e.message}")
+
+    def _reserve_mem_revive(self, name: str, size: int, align: int):
+        """reserve_mem_kho_revive: pick a region up from the incoming memblock subtree."""
+        if self.kho_in is None:
+            return None
+        try:
+            phys = retrieve_subtree(self.kho_in, self.mem, MEMBLOCK_KHO_FDT)
+        except KernelError as e:
+            if e.errno != errno.ENOENT:
+                self.warn(f"failed to retrieve FDT '{MEMBLOCK_KHO_FDT}' from KHO: {-e.errno}")
+            return None
+        fdt = self.mem.read(phys, PAGE_SIZE)
+        err = node_check_compatible(fdt, 0, MEMBLOCK_KHO_NODE_COMPATIBLE)
+        if err:
+            self.warn(f"FDT '{MEMBLOCK_KHO_FDT}' is incompatible with "
+                      f"'{MEMBLOCK_KHO_NODE_COMPATIBLE}': {err}")
+            return None
+        offset = dict(subnodes(fdt, 0)).get(name)
+        if offset is None:
+            self.warn(f"FDT '{MEMBLOCK_KHO_FDT}' has no child '{name}': -1")
+            return None
+        err = node_check_compatible(fdt, offset, RESERVE_MEM_KHO_NODE_COMPATIBLE)
+        if err:
+            self.warn(f"Node '{name}' is incompatible with '{RESERVE_MEM_KHO_NODE_COMPATIBLE}': {err}")
+            return None
+        p_start, p_size = getprop(fdt, offset, "start"), getprop(fdt, offset, "size")
+        if p_start is None or len(p_start) != 8 or p_size is None or len(p_size) != 8:
+            return None
+        start, psize = int.from_bytes(p_start, "little"), int.from_bytes(p_size, "little")
+        if start & (align - 1):
+            self.warn(f"KHO reserve-mem '{name}' has wrong alignment (0x{align:x}, 0x{start:x})")
+            return None
+        if psize != size:
+            self.warn(f"KHO reserve-mem '{name}' has wrong size (0x{psize:x} != 0x{size:x})")
+            return None
+        self.info(f"Revived memory reservation '{name}' from KHO")
+        return ReserveMem(name, start, size, align)
+
+    def _test_kho_init(self, seed=None) -> None:
+        """The test module's init: restore an incoming kho_test, or preserve fresh folios."""
+        try:
+            phys = retrieve_subtree(self.kho_in, self.mem, KHO_TEST_FDT)
+        except KernelError as e:
+            if e.errno != errno.ENOENT:
+                self.warn(f"{TEST_PREFIX}failed to retrieve {KHO_TEST_FDT} FDT: {-e.errno}")
+                return
+            self.kho_out.register_notifier(TestKho(self.kho_out, seed), first=True)
+            return
+        if test_kho_restore(self.mem, phys, self.incoming_runs):
+            self.info(f"{TEST_PREFIX}KHO restore succeeded")
+        else:
+            self.warn(f"{TEST_PREFIX}KHO restore failed")
+
+    def start_test_kho(self, seed=None) -> None:
+        """Load the test module at run time (as `modprobe test_kho` would)."""
+        if not self.kho_enable:
+            raise KernelError(errno.ENODEV, "KHO is not enabled")
+        if any(isinstance(p, TestKho) for p in self.kho_out.producers):
+            raise KernelError(errno.EEXIST, "test_kho is already loaded")
+        self._test_kho_init(seed)
+
+    def _kho_memory_init_incoming(self) -> None:
+        """kho_memory_init after a KHO kexec: reuse scratch, reserve every preserved block."""
+        self.scratch = list(self.kho_in.scratch)
+        self.scratch_array = self.kho_in.scratch_phys
+        runs = preserved_runs(self.mem, self.kho_in.fdt_phys, self.profile.preserve_bits, self.warn)
+        fdt_ok = False
+        self.incoming_runs = runs
+        for order, phys, size in runs:
+            self.memblock.reserve(phys, size)
+            self.preserved.add(phys, phys + size)
+            if order == 0 and phys <= self.kho_in.fdt_phys < phys + size:
+                fdt_ok = True
+        if not fdt_ok:
+            self.warn("KHO: failed to restore folio for KHO fdt")
+        self.memblock.scratch_only = None
 
     # -- what debugfs shows ------------------------------------------------------
     def scratch_phys_text(self) -> bytes:
@@ -109,6 +236,118 @@ class Machine:
 
     def scratch_len_text(self) -> bytes:
         return format_lines(s for _, s in self.scratch)
+
+    # -- kexec ---------------------------------------------------------------------
+    def kexec_load(self, cmdline: str | None = None, release: str | None = None) -> KexecImage:
+        """kexec -s -l: kho_fill_kimage attaches the FDT page and a copy of the scratch array."""
+        image = KexecImage(cmdline if cmdline is not None else self.cmdline,
+                           release or self.profile.release)
+        attach = self.kho_enable and (self.kho_out.finalized or
+                                      not self.profile.handover_needs_finalize)
+        if attach:
+            image.fdt_phys = self.kho_out.fdt_page
+            image.scratch_bytes = encode_scratch(self.scratch)
+        self.image = image
+        return image
+
+    def kexec_exec(self) -> Handover:
+        """kexec -e: what reaches the next kernel. Only preserved memory survives."""
+        image = self.image
+        if image is None:
+            raise KernelError(errno.ENOENT, "no kexec image is loaded (kexec load first)")
+        ho = Handover(cmdline=image.cmdline, release=image.release, previous_release=self.release,
+                      kexec_count=self.kexec_count + 1, config=asdict(self.config))
+        if image.fdt_phys is None:
+            if self.kho_enable:
+                ho.notes.append("the image was loaded before KHO was finalized: it carries no "
+                                "handover, nothing is preserved")
+            return ho
+        ho.fdt_phys = image.fdt_phys
+        keep = RangeSet([(image.fdt_phys, image.fdt_phys + PAGE_SIZE)])
+        fdt = self.mem.read(image.fdt_phys, PAGE_SIZE)
+        runs = []
+        if check_header(fdt) == 0:
+            runs = preserved_runs(self.mem, image.fdt_phys, self.profile.preserve_bits)
+            self._keep_map_pages(fdt, keep)
+        else:
+            ho.notes.append("the handed-over FDT page holds no valid FDT (KHO was never "
+                            "finalized): the next kernel rejects the handover")
+        preserved = RangeSet((p, p + s) for _, p, s in runs)
+        for s, e in preserved:
+            keep.add(s, e)
+        if check_header(fdt) == 0:
+            for name, off in subnodes(fdt, 0):
+                prop = getprop(fdt, off, "fdt")
+                if prop is None or len(prop) != 8:
+                    continue
+                phys = int.from_bytes(prop, "little")
+                size = max(totalsize(self.mem.read(phys, 8)), 8) if phys + 8 <= self.mem.size else 8
+                if not preserved.contains(phys, phys + size):
+                    ho.notes.append(
+                        f"sub-FDT '{name}' at 0x{phys:x} ({size} bytes) is not in preserved "
+                        "memory: the next kernel finds whatever reused that memory "
+                        "(khofs shows it zeroed)")
+        # The scratch array goes in a kexec segment placed in scratch, 64 KiB aligned, top-down.
+        seg = self._place_segment(len(image.scratch_bytes))
+        ho.scratch_phys, ho.scratch_len = seg, len(image.scratch_bytes)
+        for pfn in list(self.mem.pages):
+            phys = pfn << PAGE_SHIFT
+            if keep.contains(phys, phys + PAGE_SIZE):
+                ho.pages[pfn] = bytes(self.mem.pages[pfn])
+        first = seg >> PAGE_SHIFT
+        last = (seg + max(1, ho.scratch_len) - 1) >> PAGE_SHIFT
+        for pfn in range(first, last + 1):
+            ho.pages.setdefault(pfn, bytes(PAGE_SIZE))
+        page = bytearray(ho.pages[first])
+        off = seg - (first << PAGE_SHIFT)
+        page[off:off + ho.scratch_len] = image.scratch_bytes
+        ho.pages[first] = bytes(page)
+        return ho
+
+    def _keep_map_pages(self, fdt: bytes, keep: RangeSet) -> None:
+        """The chunk list and bitmaps: read by the next kernel before it frees them."""
+        prop = getprop(fdt, 0, "preserved-memory-map")
+        if prop is None or len(prop) != 8:
+            return
+        phys = int.from_bytes(prop, "little")
+        seen = 0
+        while phys and phys + PAGE_SIZE <= self.mem.size and seen < (1 << 20):
+            seen += 1
+            keep.add(phys, phys + PAGE_SIZE)
+            page = self.mem.read(phys, PAGE_SIZE)
+            num = min(int.from_bytes(page[12:16], "little"), 255)
+            for i in range(num):
+                b = int.from_bytes(page[24 + 16 * i:32 + 16 * i], "little")
+                b -= b % PAGE_SIZE
+                if b + PAGE_SIZE <= self.mem.size:
+                    keep.add(b, b + PAGE_SIZE)
+            phys = int.from_bytes(page[0:8], "little")
+
+    def _place_segment(self, size: int) -> int:
+        for addr, ssize in self.scratch:
+            top = addr + ssize - size
+            cand = top - top % KEXEC_SEGMENT_ALIGN
+            if ssize >= size and cand >= addr:
+                return cand
+        raise KernelError(errno.EADDRNOTAVAIL, "the scratch array does not fit in any scratch area")
+
+    def status(self) -> dict:
+        out = self.kho_out
+        return {
+            "release": self.release,
+            "previous_release": self.previous_release,
+            "kexec_count": self.kexec_count,
+            "abi": self.profile.name,
+            "cmdline": self.cmdline,
+            "kho_enabled": self.kho_enable,
+            "kho_in": self.kho_in is not None,
+            "finalized": bool(out and out.finalized),
+            "scratch": [{"addr": a, "size": s} for a, s in self.scratch],
+            "preserved_bytes": out.track.preserved_bytes() if out else 0,
+            "incoming_preserved_bytes": self.preserved.total(),
+            "image_loaded": self.image is not None,
+            "kexec_notes": self.kexec_notes,
+        }
 
 
 def _shown(param, val):

@@ -149,6 +149,9 @@ class Memblock:
     def __init__(self, mem: PhysMem):
         self.mem = mem
         self.reserved = RangeSet()
+        # During a KHO boot, memblock allocates only from the scratch areas until
+        # kho_memory_init() (memblock_set_kho_scratch_only).
+        self.scratch_only: RangeSet | None = None
         # (base, size) of reservations flagged MEMBLOCK_RSRV_KERN: what the kernel allocated.
         self.kern: list[tuple[int, int]] = []
 
@@ -176,6 +179,13 @@ class Memblock:
                 cur = max(cur, re_)
             if cur < me:
                 out.append((cur, me))
+        if self.scratch_only is not None:
+            clipped = []
+            for fs, fe in out:
+                for ss, se in self.scratch_only:
+                    if max(fs, ss) < min(fe, se):
+                        clipped.append((max(fs, ss), min(fe, se)))
+            out = clipped
         out.sort(reverse=True)
         return out
 
@@ -235,7 +245,11 @@ class PageAllocator:
             self.used.add(s, e)
 
     def alloc_pages(self, order: int = 0) -> int:
-        size = PAGE_SIZE << order
+        return self.alloc_range(1 << order, PAGE_SIZE << order)
+
+    def alloc_range(self, nr_pages: int, align: int = PAGE_SIZE) -> int:
+        """nr_pages contiguous zeroed pages, top-down (alloc_contig_pages' role)."""
+        size = nr_pages * PAGE_SIZE
         cur_end = self.mem.size
         # Walk the gaps between used ranges from the top down.
         starts, ends = self.used.starts, self.used.ends
@@ -243,18 +257,21 @@ class PageAllocator:
         while True:
             gap_start = ends[i] if i >= 0 else 0
             gap_end = cur_end
-            cand = round_down(gap_end - size, size) if gap_end >= size else -1
+            cand = round_down(gap_end - size, align) if gap_end >= size else -1
             if cand >= gap_start and cand >= PAGE_SIZE:
                 self.used.add(cand, cand + size)
                 self.mem.clear(cand, size)
                 return cand
             if i < 0:
-                raise KernelError(errno.ENOMEM, f"no free order-{order} block left in simulated memory")
+                raise KernelError(errno.ENOMEM, f"no {nr_pages} free contiguous pages left in simulated memory")
             cur_end = starts[i]
             i -= 1
 
     def free_pages(self, phys: int, order: int = 0) -> None:
-        size = PAGE_SIZE << order
+        self.free_range(phys, 1 << order)
+
+    def free_range(self, phys: int, nr_pages: int) -> None:
+        size = nr_pages * PAGE_SIZE
         self.used.remove(phys, phys + size)
         self.mem.clear(phys, size)
 

@@ -1,0 +1,83 @@
+"""A small Python client for a mount's control socket."""
+
+import base64
+import errno
+import json
+import os
+import socket
+
+from . import runtime
+
+
+class ControlError(OSError):
+    """A request the daemon rejected; errno and strerror as the daemon gave them."""
+
+
+class Client:
+    """Talk to the khofs daemon of a mount point: `Client("/mnt/khofs").status()`."""
+
+    def __init__(self, mountpoint: str, timeout: float = 60.0):
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.path = runtime.paths(self.mountpoint)["sock"]
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.path)
+        except OSError as e:
+            self.sock.close()
+            raise ControlError(e.errno or errno.ECONNREFUSED,
+                               f"no khofs daemon answers for {mountpoint} ({e.strerror})") from None
+        self.rfile = self.sock.makefile("rb")
+
+    def close(self):
+        self.rfile.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def call(self, cmd: str, **fields) -> dict:
+        self.sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
+        line = self.rfile.readline()
+        if not line:
+            raise ControlError(errno.ECONNRESET, "the khofs daemon closed the connection")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise ControlError(reply["errno"], reply["message"])
+        return reply
+
+    # conveniences
+    def status(self) -> dict:
+        return self.call("status")
+
+    def mem_alloc(self, size: int) -> int:
+        return self.call("mem_alloc", size=size)["phys"]
+
+    def mem_write(self, phys: int, data: bytes) -> None:
+        self.call("mem_write", phys=phys, data=base64.b64encode(data).decode())
+
+    def mem_read(self, phys: int, size: int) -> bytes:
+        return base64.b64decode(self.call("mem_read", phys=phys, size=size)["data"])
+
+    def preserve(self, phys: int, size: int) -> None:
+        self.call("preserve", phys=phys, size=size)
+
+    def preserve_folio(self, phys: int, order: int, count: int = 1) -> None:
+        self.call("preserve_folio", phys=phys, order=order, count=count)
+
+    def subtree_add(self, name: str, blob: bytes, preserve: bool = True) -> int:
+        return self.call("subtree_add", name=name, blob=base64.b64encode(blob).decode(),
+                         preserve=preserve)["phys"]
+
+    def subtree_remove(self, name: str) -> None:
+        self.call("subtree_remove", name=name)
+
+    def kexec(self, cmdline: str | None = None, release: str | None = None) -> dict:
+        fields = {k: v for k, v in (("cmdline", cmdline), ("release", release)) if v is not None}
+        return self.call("kexec", **fields)
+
+    def fail(self, op: str, err) -> None:
+        self.call("fail", op=op, errno=err)

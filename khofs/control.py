@@ -1,0 +1,286 @@
+"""The control plane: JSON lines over a unix socket, one request one reply.
+
+Every request is validated before it touches the kernel; a rejected request changes nothing.
+Replies are {"ok": true, ...} or {"ok": false, "errno": N, "error": "ENAME", "message": ...}.
+"""
+
+import base64
+import binascii
+import errno
+import json
+import os
+import socket
+
+import trio
+
+from .host import Host
+from .kernel.errors import KernelError
+from .kernel.physmem import PAGE_SHIFT, PAGE_SIZE
+from .kernel.producers.user import FailNext, UserSubtree, valid_node_name
+
+MAX_LINE = 256 << 20
+
+
+class BadRequest(KernelError):
+    def __init__(self, message, err=errno.EINVAL):
+        super().__init__(err, message)
+
+
+def _int(req, key, lo=0, hi=(1 << 64) - 1):
+    v = req.get(key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"'{key}' must be an integer")
+    if not lo <= v <= hi:
+        raise BadRequest(f"'{key}' = {v} is out of range [{lo}, {hi}]", errno.ERANGE)
+    return v
+
+
+def _str(req, key, optional=False):
+    v = req.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise BadRequest(f"'{key}' must be a string")
+    return v
+
+
+def _bytes(req, key):
+    try:
+        return base64.b64decode(_str(req, key), validate=True)
+    except binascii.Error:
+        raise BadRequest(f"'{key}' must be base64") from None
+
+
+def _errno_value(v):
+    if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 4096:
+        return v
+    if isinstance(v, str) and isinstance(getattr(errno, v.upper(), None), int):
+        return getattr(errno, v.upper())
+    raise BadRequest(f"'errno' must be an errno name or number, not {v!r}")
+
+
+# command -> (handler, required fields, optional fields)
+COMMANDS = {}
+
+
+def command(name, required=(), optional=()):
+    def deco(fn):
+        COMMANDS[name] = (fn, set(required), set(optional))
+        return fn
+    return deco
+
+
+class Control:
+    def __init__(self, host: Host):
+        self.host = host
+        self.user_allocs: dict[int, int] = {}        # phys -> pages, of the current boot
+        self.subtrees: dict[str, UserSubtree] = {}
+        host.on_new_tree.append(self._new_boot)
+
+    def _new_boot(self, tree):
+        self.user_allocs.clear()
+        self.subtrees.clear()
+
+    @property
+    def m(self):
+        return self.host.machine
+
+    def _kho(self):
+        if self.m.kho_out is None:
+            raise KernelError(errno.ENODEV, "KHO is not enabled in this boot (kho=on)")
+        return self.m.kho_out
+
+    def handle_line(self, line: bytes) -> dict:
+        try:
+            try:
+                req = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BadRequest(f"bad JSON: {e}") from None
+            if not isinstance(req, dict):
+                raise BadRequest("a request is a JSON object")
+            cmd = req.get("cmd")
+            if not isinstance(cmd, str):
+                raise BadRequest("'cmd' must be a string")
+            if cmd not in COMMANDS:
+                raise BadRequest(f"unknown command {cmd!r} (known: {', '.join(sorted(COMMANDS))})",
+                                 errno.EOPNOTSUPP)
+            fn, required, optional = COMMANDS[cmd]
+            fields = set(req) - {"cmd"}
+            missing = required - fields
+            if missing:
+                raise BadRequest(f"{cmd}: missing {', '.join(sorted(missing))}")
+            unknown = fields - required - optional
+            if unknown:
+                raise BadRequest(f"{cmd}: unknown field(s) {', '.join(sorted(unknown))}")
+            result = fn(self, req)
+            return {"ok": True, **(result or {})}
+        except KernelError as e:
+            return {"ok": False, "errno": e.errno, "error": errno.errorcode.get(e.errno, str(e.errno)),
+                    "message": e.message}
+
+    # -- commands --------------------------------------------------------------
+    @command("status")
+    def status(self, req):
+        return self.m.status()
+
+    @command("log")
+    def log(self, req):
+        return {"lines": [line.text for line in self.m.dmesg]}
+
+    @command("mem_alloc", ["size"])
+    def mem_alloc(self, req):
+        size = _int(req, "size", 1, self.m.mem.size)
+        pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        phys = self.m.pages.alloc_range(pages)
+        self.user_allocs[phys] = pages
+        return {"phys": phys, "size": pages * PAGE_SIZE}
+
+    @command("mem_free", ["phys"])
+    def mem_free(self, req):
+        phys = _int(req, "phys")
+        if phys not in self.user_allocs:
+            raise BadRequest(f"0x{phys:x} is not an allocation made with mem_alloc", errno.ENOENT)
+        self.m.pages.free_range(phys, self.user_allocs.pop(phys))
+
+    @command("mem_write", ["phys", "data"])
+    def mem_write(self, req):
+        phys, data = _int(req, "phys"), _bytes(req, "data")
+        self.m.mem.write(phys, data)
+        return {"written": len(data)}
+
+    @command("mem_read", ["phys", "size"])
+    def mem_read(self, req):
+        phys, size = _int(req, "phys"), _int(req, "size", 0, 1 << 30)
+        return {"data": base64.b64encode(self.m.mem.read(phys, size)).decode()}
+
+    @command("preserve", ["phys", "size"])
+    def preserve(self, req):
+        self._kho().preserve_pages(_int(req, "phys"), _int(req, "size", 0))
+
+    @command("preserve_folio", ["phys", "order"], ["count"])
+    def preserve_folio(self, req):
+        phys, order = _int(req, "phys"), _int(req, "order", 0, 51)
+        count = _int(req, "count", 1) if "count" in req else 1
+        self._kho().preserve_folios(phys, count, order)
+
+    @command("unpreserve", ["phys", "size"])
+    def unpreserve(self, req):
+        self._kho().unpreserve_pages(_int(req, "phys"), _int(req, "size", 0))
+
+    @command("unpreserve_folio", ["phys", "order"])
+    def unpreserve_folio(self, req):
+        self._kho().unpreserve_folio(_int(req, "phys"), _int(req, "order", 0, 51))
+
+    @command("subtree_add", ["name", "blob"], ["preserve"])
+    def subtree_add(self, req):
+        kho = self._kho()
+        name, blob = _str(req, "name"), _bytes(req, "blob")
+        preserve = req.get("preserve", True)
+        if not isinstance(preserve, bool):
+            raise BadRequest("'preserve' must be true or false")
+        if not valid_node_name(name):
+            raise BadRequest(f"{name!r} is not a valid node name (1-31 of [A-Za-z0-9,._+@-])")
+        taken = {p.name for p in kho.producers} | {"fdt"}
+        if name in taken:
+            raise BadRequest(f"a subtree named {name!r} is already registered", errno.EEXIST)
+        producer = UserSubtree(kho, name, blob, preserve)
+        kho.register_notifier(producer)
+        self.subtrees[name] = producer
+        return {"phys": producer.phys}
+
+    @command("subtree_remove", ["name"])
+    def subtree_remove(self, req):
+        name = _str(req, "name")
+        producer = self.subtrees.get(name)
+        if producer is None:
+            raise BadRequest(f"no subtree named {name!r} was added", errno.ENOENT)
+        kho = self._kho()
+        kho.unregister_notifier(producer)
+        if not kho.finalized:
+            producer.release(kho)
+        del self.subtrees[name]
+
+    @command("subtree_list")
+    def subtree_list(self, req):
+        return {"subtrees": [{"name": p.name, "phys": p.phys, "size": len(p.blob),
+                              "preserve": p.preserve} for p in self.subtrees.values()]}
+
+    @command("fail", ["op", "errno"])
+    def fail(self, req):
+        op = _str(req, "op")
+        if op not in ("finalize", "abort"):
+            raise BadRequest(f"can inject failures into finalize or abort, not {op!r}")
+        self._kho().register_notifier(FailNext(op, _errno_value(req["errno"])), first=True)
+
+    @command("test_kho", [], ["seed"])
+    def test_kho(self, req):
+        seed = _int(req, "seed") if "seed" in req else None
+        self.m.start_test_kho(seed)
+
+    @command("kexec_load", [], ["cmdline", "release"])
+    def kexec_load(self, req):
+        return self.host.kexec_load(_str(req, "cmdline", True), _release(req))
+
+    @command("kexec_exec")
+    def kexec_exec(self, req):
+        return self.host.kexec_exec()
+
+    @command("kexec", [], ["cmdline", "release"])
+    def kexec(self, req):
+        self.host.kexec_load(_str(req, "cmdline", True), _release(req))
+        return self.host.kexec_exec()
+
+
+def _release(req):
+    r = _str(req, "release", True)
+    if r is not None and not (0 < len(r) <= 64 and r.isprintable()):
+        raise BadRequest("'release' must be 1 to 64 printable characters (uname -r)")
+    return r
+
+
+async def serve(control: Control, path: str, task_status=trio.TASK_STATUS_IGNORED):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+
+    async def handler(stream):
+        buf = bytearray()
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(1 << 20)
+                except trio.BrokenResourceError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while True:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        break
+                    line, buf = bytes(buf[:nl]), buf[nl + 1:]
+                    reply = control.handle_line(line)
+                    try:
+                        await stream.send_all((json.dumps(reply) + "\n").encode())
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                if len(buf) > MAX_LINE:
+                    reply = {"ok": False, "errno": errno.E2BIG, "error": "E2BIG",
+                             "message": f"request line longer than {MAX_LINE} bytes"}
+                    try:
+                        await stream.send_all((json.dumps(reply) + "\n").encode())
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    return
+
+    await trio.serve_listeners(handler, [listener])

@@ -1,0 +1,108 @@
+"""The running system behind one mount: the current boot, its debugfs tree, kexec, state dir."""
+
+import errno
+import os
+
+from .debugfs import Tree
+from .kernel.errors import KernelError
+from .kernel.handover import Handover
+from .kernel.machine import Machine, MachineConfig
+
+HANDOVER_FILE = "handover"
+
+
+class Host:
+    def __init__(self, machine: Machine, state_dir: str | None = None, log=None):
+        self.machine = machine
+        self.tree = Tree(machine)
+        self.state_dir = state_dir
+        self.log = log or (lambda text: None)
+        self.on_new_tree = []        # callbacks(tree) run after a kexec
+        self.boot_log()
+
+    @classmethod
+    def boot(cls, cmdline: str, config: MachineConfig, state_dir: str | None = None, log=None):
+        """Cold boot, or boot from the handover saved in the state dir."""
+        handover = None
+        if state_dir:
+            prepare_state_dir(state_dir)
+            handover = load_handover(state_dir)
+        if handover is not None:
+            machine = Machine(handover.cmdline, MachineConfig(**handover.config), handover,
+                              release=handover.release)
+        else:
+            machine = Machine(cmdline, config)
+        return cls(machine, state_dir, log)
+
+    def boot_log(self) -> None:
+        for line in self.machine.dmesg:
+            self.log(f"kernel: {line.text}")
+        for note in self.machine.kexec_notes:
+            self.log(f"khofs: kexec: {note}")
+
+    def kexec_load(self, cmdline=None, release=None) -> dict:
+        img = self.machine.kexec_load(cmdline, release)
+        return {"cmdline": img.cmdline, "release": img.release,
+                "handover": img.fdt_phys is not None}
+
+    def kexec_exec(self) -> dict:
+        ho = self.machine.kexec_exec()
+        if self.state_dir:
+            save_handover(self.state_dir, ho)
+        machine = Machine(ho.cmdline, MachineConfig(**ho.config), ho, release=ho.release)
+        self.machine = machine
+        for node in self.tree.nodes.values():
+            node.gone = True          # nothing of the old kernel's debugfs survives
+        self.tree = Tree(machine, last_ino=self.tree._ino)
+        for cb in self.on_new_tree:
+            cb(self.tree)
+        self.boot_log()
+        return {"kexec_count": machine.kexec_count, "release": machine.release,
+                "kho_in": machine.kho_in is not None, "notes": ho.notes,
+                "log": [line.text for line in machine.dmesg]}
+
+
+def prepare_state_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    for name in os.listdir(path):
+        if name.startswith(HANDOVER_FILE + ".tmp"):
+            os.unlink(os.path.join(path, name))       # a write that a killed daemon left
+
+
+def load_handover(state_dir: str):
+    path = os.path.join(state_dir, HANDOVER_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return Handover.loads(data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a usable handover: {e}") from None
+
+
+def save_handover(state_dir: str, ho: Handover) -> None:
+    """Atomically: the old handover stays whole until the new one is complete on disk."""
+    path = os.path.join(state_dir, HANDOVER_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(ho.dumps())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise KernelError(e.errno or errno.EIO,
+                          f"cannot write the handover to {state_dir}: {e.strerror}; "
+                          "the previous state is intact and no kexec happened") from None

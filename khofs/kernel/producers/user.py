@@ -1,0 +1,61 @@
+"""Producers driven from the control plane: user subtrees and fault injection."""
+
+import errno
+
+from ..errors import KernelError
+from ..fdt import check_header, totalsize
+from ..kho import KhoOut, Producer
+from ..physmem import PAGE_SHIFT, PAGE_SIZE
+
+
+class UserSubtree(Producer):
+    """A well-behaved kernel producer of an FDT blob given by the user.
+
+    Its pages are allocated at registration; each finalize writes the blob there, preserves
+    the pages (unless told not to, to reproduce the classic misuse) and adds the subtree.
+    """
+
+    def __init__(self, kho: KhoOut, name: str, blob: bytes, preserve: bool = True):
+        if check_header(blob) != 0 or totalsize(blob) != len(blob):
+            raise KernelError(errno.EINVAL, f"subtree {name!r}: not a valid FDT blob "
+                              f"({len(blob)} bytes)")
+        self.name, self.blob, self.preserve = name, bytes(blob), preserve
+        self.order = max(0, (len(blob) - 1).bit_length() - PAGE_SHIFT)
+        self.phys = kho.pages.alloc_pages(self.order)
+
+    def finalize(self, kho: KhoOut) -> None:
+        kho.mem.write(self.phys, self.blob)
+        if self.preserve:
+            kho.preserve_folio(self.phys, self.order)
+        kho.add_subtree(self.name, self.phys)
+
+    def release(self, kho: KhoOut) -> None:
+        kho.pages.free_pages(self.phys, self.order)
+
+
+class FailNext(Producer):
+    """Fault injection: the next finalize (or abort) fails with `err`, like a failing producer.
+
+    It sits first on the chain, so no other producer has run when it fails.
+    """
+
+    name = "fault"
+
+    def __init__(self, op: str, err: int):
+        self.op, self.err = op, err
+
+    def _fire(self, kho: KhoOut, op: str):
+        if op == self.op:
+            kho.unregister_notifier(self)
+            raise KernelError(self.err, f"injected {op} failure")
+
+    def finalize(self, kho):
+        self._fire(kho, "finalize")
+
+    def abort(self, kho):
+        self._fire(kho, "abort")
+
+
+def valid_node_name(name: str) -> bool:
+    """A node name the kernel's FDT and debugfs both accept."""
+    return 0 < len(name) <= 31 and all(c.isalnum() or c in ",._+-@" for c in name)
