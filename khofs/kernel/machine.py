@@ -61,7 +61,8 @@ class Machine:
         self.kho_in = None
         if handover is not None and handover.fdt_phys is not None:
             for pfn, data in handover.pages.items():
-                self.mem.pages[pfn] = bytearray(data)
+                # An in-process kexec hands the old kernel's page buffers over without a copy.
+                self.mem.pages[pfn] = data if isinstance(data, bytearray) else bytearray(data)
             self.kho_in = kho_populate(self.mem, handover.fdt_phys, handover.scratch_phys,
                                        handover.scratch_len, self.info_or_warn)
             if self.kho_in is None:
@@ -293,15 +294,15 @@ class Machine:
         for pfn in list(self.mem.pages):
             phys = pfn << PAGE_SHIFT
             if keep.contains(phys, phys + PAGE_SIZE):
-                ho.pages[pfn] = bytes(self.mem.pages[pfn])
+                ho.pages[pfn] = self.mem.pages[pfn]
         first = seg >> PAGE_SHIFT
         last = (seg + max(1, ho.scratch_len) - 1) >> PAGE_SHIFT
         for pfn in range(first, last + 1):
-            ho.pages.setdefault(pfn, bytes(PAGE_SIZE))
+            ho.pages.setdefault(pfn, bytearray(PAGE_SIZE))
         page = bytearray(ho.pages[first])
         off = seg - (first << PAGE_SHIFT)
         page[off:off + ho.scratch_len] = image.scratch_bytes
-        ho.pages[first] = bytes(page)
+        ho.pages[first] = page
         return ho
 
     def _keep_map_pages(self, fdt: bytes, keep: RangeSet) -> None:

@@ -43,6 +43,8 @@ def bitmap_runs(bm: np.ndarray):
     """(first, last+1) bit index of every run of set bits."""
     if not bm.any():
         return []
+    if bm.min() == 0xFF:
+        return [(0, len(bm) * 8)]
     bits = np.unpackbits(bm, bitorder="little").astype(np.int8)
     edges = np.diff(np.concatenate(([0], bits, [0])))
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
@@ -184,8 +186,21 @@ class MapError(Exception):
 def walk_memory_map(mem: PhysMem, first: int, bits: int, max_chunks: int = 1 << 20):
     """The next kernel's reader: yields (order, phys, size) runs of preserved blocks.
 
-    Consecutive set bits become one run; every block in a run has the same order.
+    Consecutive set bits (also across bitmaps) become one run of blocks of one order.
     """
+    pending = None
+    for run in _walk_bitmaps(mem, first, bits, max_chunks):
+        if pending and pending[0] == run[0] and pending[1] + pending[2] == run[1]:
+            pending = (pending[0], pending[1], pending[2] + run[2])
+            continue
+        if pending:
+            yield pending
+        pending = run
+    if pending:
+        yield pending
+
+
+def _walk_bitmaps(mem: PhysMem, first: int, bits: int, max_chunks: int):
     phys = first
     seen = 0
     bitmap_bytes = bits // 8
