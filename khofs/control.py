@@ -10,6 +10,8 @@ import errno
 import json
 import os
 import socket
+import sys
+import traceback
 
 import trio
 
@@ -117,6 +119,11 @@ class Control:
         except KernelError as e:
             return {"ok": False, "errno": e.errno, "error": errno.errorcode.get(e.errno, str(e.errno)),
                     "message": e.message}
+        except Exception as e:
+            print(f"khofs: internal error handling {line[:200]!r}:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            return {"ok": False, "errno": errno.EIO, "error": "EIO",
+                    "message": f"internal error ({type(e).__name__}); see the daemon log"}
 
     # -- commands --------------------------------------------------------------
     @command("status")

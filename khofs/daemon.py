@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import sys
 
 import pyfuse3
@@ -15,6 +16,23 @@ from .host import Host
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def sd_notify(message: str) -> bool:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr or not (addr.startswith("/") or addr.startswith("@")):
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(addr)
+            s.sendall(message.encode())
+        except OSError as e:
+            log(f"khofs: cannot notify the service manager: {e}")
+            return False
+    return True
 
 
 class Daemon:
@@ -50,7 +68,9 @@ class Daemon:
             await nursery.start(control.serve, self.control, self.sock_path)
             if on_ready:
                 on_ready()
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
             await pyfuse3.main()
+            sd_notify("STOPPING=1")
             nursery.cancel_scope.cancel()
 
     def run(self, on_ready=None) -> None:

@@ -2,6 +2,8 @@
 
 import errno
 import os
+import sys
+import traceback
 
 import pyfuse3
 
@@ -15,6 +17,11 @@ def _fuse_errors(fn):
             return fn(*args, **kw)
         except KernelError as e:
             raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            # A bug must not take the mount down: log it and fail this one request.
+            print(f"khofs: internal error in {fn.__name__}:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
     wrapper.__name__ = fn.__name__
     return wrapper
 

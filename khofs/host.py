@@ -2,6 +2,7 @@
 
 import errno
 import os
+import struct
 
 from .debugfs import Tree
 from .kernel.errors import KernelError
@@ -79,7 +80,7 @@ def load_handover(state_dir: str):
         return None
     try:
         return Handover.loads(data)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, struct.error) as e:
         raise ValueError(f"{path} is not a usable handover: {e}") from None
 
 

@@ -71,13 +71,17 @@ def getprop(blob, offset: int, name: str):
 
 
 def subnodes(blob, offset: int = 0):
-    """(name, offset) of each child node."""
-    f = libfdt.Fdt(bytearray(blob))
+    """(name, offset) of each child node; a malformed tree ends the list, as
+    fdt_for_each_subnode() stops at the first error."""
     out = []
-    child = f.first_subnode(offset, (libfdt.NOTFOUND,))
-    while child >= 0:
-        out.append((f.get_name(child), child))
-        child = f.next_subnode(child, (libfdt.NOTFOUND,))
+    try:
+        f = libfdt.Fdt(bytearray(blob))
+        child = f.first_subnode(offset, (libfdt.NOTFOUND,))
+        while child >= 0:
+            out.append((f.get_name(child), child))
+            child = f.next_subnode(child, (libfdt.NOTFOUND,))
+    except libfdt.FdtException:
+        pass
     return out
 
 
