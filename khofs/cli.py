@@ -332,6 +332,74 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+# -- dump ------------------------------------------------------------------------------
+def _mount_of(path: str):
+    """The khofs mount point holding path, if its daemon left runtime info."""
+    cur = os.path.realpath(path)
+    while True:
+        if runtime.read_info(cur):
+            return cur
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            return None
+        cur = parent
+
+
+def _dump_targets(path: str):
+    """[(label, fdt path, sub_fdts dir or None)] for a file, a mount root or a kho/ dir."""
+    if os.path.isdir(path):
+        kho = os.path.join(path, "kho") if os.path.isdir(os.path.join(path, "kho")) else path
+        found = []
+        for side in ("out", "in"):
+            f = os.path.join(kho, side, "fdt")
+            if os.path.exists(f):
+                found.append((f, os.path.join(kho, side, "sub_fdts")))
+        if not found and not os.path.isdir(os.path.join(kho, "out")):
+            raise ValueError(f"{path}: no kho/ tree here (is it a khofs mount?)")
+        return found
+    sub = os.path.join(os.path.dirname(path), "sub_fdts")
+    return [(path, sub if os.path.basename(path) == "fdt" and os.path.isdir(sub) else None)]
+
+
+def cmd_dump(args) -> int:
+    from .dump import MemorySource, decode, render
+    try:
+        targets = _dump_targets(args.path)
+    except (OSError, ValueError) as e:
+        _err(str(e))
+        return EXIT_FAIL
+    mem = None
+    mnt = _mount_of(args.path)
+    if mnt is not None and not args.no_memory:
+        try:
+            c = _client(mnt)
+            st = c.status()
+            mem = MemorySource(c, st["memory_size"], st["preserve_bits"])
+        except OSError:
+            mem = None
+    results = []
+    try:
+        for fdt_path, sub_dir in targets:
+            with open(fdt_path, "rb") as f:
+                blob = f.read()
+            subs = {}
+            if sub_dir:
+                for name in sorted(os.listdir(sub_dir)):
+                    with open(os.path.join(sub_dir, name), "rb") as f:
+                        subs[name] = f.read()
+            results.append(decode(blob, fdt_path, mem, subs))
+    except OSError as e:
+        _err(f"cannot read {e.filename}: {e.strerror}")
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(results if len(results) != 1 else results[0], indent=2))
+    else:
+        if not results:
+            print(f"{args.path}: not finalized and no handover: no KHO FDT to show")
+        print("\n\n".join(render(r) for r in results))
+    return EXIT_FAIL if any(r["problems"] for r in results) else EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="khofs", description=(
@@ -381,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--release", help="uname -r of the next kernel")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.set_defaults(func=cmd_kexec)
+
+    d = sub.add_parser("dump", help="decode and check KHO FDTs (a file, or a mounted tree)",
+                       description="Decode out/fdt, in/fdt or any KHO FDT file: u64 properties "
+                       "as addresses, sub-FDTs inline, and (on a khofs mount) the preserved-memory "
+                       "map walked. Checks the KHO bindings; exit status 1 if anything is wrong.")
+    d.add_argument("path", metavar="PATH", help="an FDT file, a khofs mount point or its kho/ dir")
+    d.add_argument("--json", action="store_true", help="print JSON (schema: see khofs/dump.py)")
+    d.add_argument("--no-memory", action="store_true",
+                   help="do not read simulated memory through the control socket")
+    d.set_defaults(func=cmd_dump)
 
     st = sub.add_parser("status", help="what the emulated kernel is doing")
     st.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -435,8 +513,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options of the mount(8) helper form that are khofs's own; the rest go to FUSE.
+HELPER_KEYS = {"cmdline": "--cmdline", "memory": "--memory", "nodes": "--nodes",
+               "boot_reserved": "--boot-reserved", "abi": "--abi", "stat_size": "--stat-size",
+               "state": "--state"}
+# Generic mount options mount.fuse passes along; FUSE takes them from the mount flags.
+GENERIC_FLAGS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
+                 "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime",
+                 "nodiratime", "defaults", "silent", "loud"}
+FUSE_FLAGS = {"allow_other", "allow_root", "auto_unmount", "default_permissions", "debug"}
+
+
+def split_mount_options(text: str) -> list[str]:
+    """Split -o text on commas. mount.fuse splits values that contain commas (e.g. the
+    kho_scratch= sizes) and joins them again, so a piece that is neither key=value nor a
+    known flag continues the previous option. Double quotes around a value are removed."""
+    out: list[str] = []
+    for piece in text.split(","):
+        key = piece.partition("=")[0]
+        known = (not out or piece in GENERIC_FLAGS or piece in FUSE_FLAGS or
+                 ("=" in piece and key.replace("_", "").isalnum() and key.isascii()))
+        if known:
+            out.append(piece)
+        else:
+            out[-1] += "," + piece
+    result = []
+    for opt in out:
+        key, eq, val = opt.partition("=")
+        if eq and len(val) >= 2 and val[0] == val[-1] == '"':
+            val = val[1:-1]
+        result.append(key + eq + val)
+    return result
+
+
+def helper_argv(argv: list[str]) -> list[str] | None:
+    """`khofs SOURCE MOUNTPOINT [-o OPTS]`, as mount.fuse runs it, as a `mount` command."""
+    commands = {"mount", "umount", "kexec", "status", "ctl", "dump"}
+    if len(argv) < 2 or argv[0] in commands or argv[0].startswith("-"):
+        return None
+    rest = argv[2:]
+    opts = []
+    while rest:
+        if rest[0] == "-o" and len(rest) > 1:
+            opts += split_mount_options(rest[1])
+            rest = rest[2:]
+        elif rest[0] == "-v":
+            rest = rest[1:]
+        else:
+            return None
+    out = ["mount", argv[1]]
+    fuse_opts = []
+    for opt in opts:
+        key, eq, val = opt.partition("=")
+        if key in HELPER_KEYS and eq:
+            out += [HELPER_KEYS[key], val]
+        elif opt in GENERIC_FLAGS or not opt:
+            continue
+        else:
+            fuse_opts.append(opt)
+    if fuse_opts:
+        out += ["-o", ",".join(fuse_opts)]
+    return out
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    argv = helper_argv(argv) or argv
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

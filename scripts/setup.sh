@@ -22,7 +22,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.khofs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test]'
+    echo "setup: installing khofs and its Python dependencies into .venv" >&2
+    if ! .venv/bin/pip install -q -e '.[test]' >.venv/pip.log 2>&1; then
+        cat .venv/pip.log >&2
+        exit 1
+    fi
     touch "$stamp"
 fi

@@ -95,3 +95,22 @@ def prop_value_offset(blob, node: int, name: str) -> int:
             return f.off_dt_struct() + off + 12     # fdt_property header: tag, len, nameoff
         off = f.next_property_offset(off, (libfdt.NOTFOUND,))
     raise KeyError(name)
+
+
+def tree(blob, offset: int = 0, depth: int = 0) -> dict:
+    """{"name", "props": [(name, bytes)], "children": [...]} of a node, via libfdt."""
+    f = libfdt.Fdt(bytearray(blob))
+    name = f.get_name(offset) if offset else ""
+    props = []
+    off = f.first_property_offset(offset, (libfdt.NOTFOUND,))
+    while off >= 0:
+        p = f.get_property_by_offset(off)
+        props.append((p.name, bytes(p)))
+        off = f.next_property_offset(off, (libfdt.NOTFOUND,))
+    children = []
+    if depth < 32:
+        child = f.first_subnode(offset, (libfdt.NOTFOUND,))
+        while child >= 0:
+            children.append(tree(blob, child, depth + 1))
+            child = f.next_subnode(child, (libfdt.NOTFOUND,))
+    return {"name": name, "props": props, "children": children}

@@ -1,0 +1,127 @@
+"""pytest plugin: the `khofs` fixture mounts an emulated KHO debugfs for one test.
+
+    import pytest
+
+    @pytest.mark.khofs(cmdline="kho=on reserve_mem=4M:4096:oops")
+    def test_handover(khofs):
+        khofs.finalize()
+        assert (khofs.out / "sub_fdts" / "memblock").exists()
+        khofs.kexec()
+        assert (khofs.in_ / "sub_fdts" / "memblock").exists()
+
+The mount is always taken down after the test, also when the test failed or the daemon died.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from . import runtime
+
+
+class KhofsMount:
+    """A mounted khofs: paths into the tree, and the control plane."""
+
+    def __init__(self, mountpoint, cmdline: str = "kho=on", args=()):
+        self.root = Path(os.path.realpath(mountpoint))
+        self.cmdline = cmdline
+        self.args = list(args)
+        self.kho = self.root / "kho"
+        self.out = self.kho / "out"
+        self.in_ = self.kho / "in"
+        self._client = None
+
+    def start(self) -> "KhofsMount":
+        self.root.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "khofs", "mount", str(self.root),
+                            "--cmdline", self.cmdline, *self.args],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        self.mount_stderr = r.stderr
+        if r.returncode != 0:
+            raise RuntimeError(f"khofs mount failed ({r.returncode}): {r.stderr.strip()}")
+        return self
+
+    @property
+    def ctl(self):
+        """A khofs.Client connected to this mount's daemon."""
+        if self._client is None:
+            from .client import Client
+            self._client = Client(str(self.root))
+        return self._client
+
+    def write_finalize(self, value: bytes) -> int:
+        fd = os.open(self.out / "finalize", os.O_WRONLY)
+        try:
+            return os.write(fd, value)
+        finally:
+            os.close(fd)
+
+    def finalize(self) -> None:
+        self.write_finalize(b"1\n")
+
+    def abort(self) -> None:
+        self.write_finalize(b"0\n")
+
+    def kexec(self, cmdline: str | None = None, release: str | None = None) -> dict:
+        return self.ctl.kexec(cmdline, release)
+
+    def status(self) -> dict:
+        return self.ctl.status()
+
+    def log(self) -> list[str]:
+        return self.ctl.call("log")["lines"]
+
+    def stop(self) -> None:
+        """Unmount whatever state the daemon is in; never raises."""
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+        mnt = str(self.root)
+        info = runtime.read_info(mnt) or {}
+        subprocess.run([sys.executable, "-m", "khofs", "umount", mnt],
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        if runtime.find_mount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        pid = info.get("pid")
+        if pid:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.02)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def mounted(mountpoint, cmdline: str = "kho=on", args=()):
+    m = KhofsMount(mountpoint, cmdline, args)
+    try:
+        yield m.start()
+    finally:
+        m.stop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", 'khofs(cmdline="kho=on ...", args=[...]): the kernel command line and extra '
+        "`khofs mount` arguments for the khofs fixture")
+
+
+@pytest.fixture
+def khofs(request, tmp_path):
+    """A khofs mount in a temporary directory, unmounted after the test whatever happens."""
+    marker = request.node.get_closest_marker("khofs")
+    kwargs = marker.kwargs if marker else {}
+    with mounted(tmp_path / "khofs", kwargs.get("cmdline", "kho=on"), kwargs.get("args", ())) as m:
+        yield m
