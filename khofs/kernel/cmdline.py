@@ -2,33 +2,39 @@
 
 
 def split_cmdline(text: str):
-    """[(param, value or None)] in order; double quotes group, `--` ends kernel parameters."""
+    """[(param, value or None)] in order, split as next_arg() does; `--` ends kernel params."""
     out = []
     i, n = 0, len(text)
-    while i < n:
+    while True:
         while i < n and text[i].isspace():
             i += 1
         if i >= n:
             break
-        in_quote = False
-        start = i
+        quoted = text[i] == '"'
+        if quoted:
+            i += 1
+        in_quote = quoted
+        start, equals = i, -1
         while i < n and (in_quote or not text[i].isspace()):
+            if equals < 0 and text[i] == "=":
+                equals = i
             if text[i] == '"':
                 in_quote = not in_quote
             i += 1
-        word = text[start:i]
-        if word == "--":
-            break
-        if "=" in word:
-            param, val = word.split("=", 1)
-            if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
-                val = val[1:-1]
-            elif param.startswith('"'):
-                param = param[1:]
-                if val.endswith('"'):
-                    val = val[:-1]
+        word_end = i
+        if quoted and word_end > start and text[word_end - 1] == '"':
+            word_end -= 1
+        if equals < 0:
+            param, val = text[start:word_end], None
         else:
-            param, val = word.strip('"'), None
+            param, val = text[start:equals], text[equals + 1:word_end]
+            if val.startswith('"'):
+                val = val[1:]
+                # The closing quote is dropped only when it ends the word.
+                if text[i - 1] == '"' and val.endswith('"') and not quoted:
+                    val = val[:-1]
+        if param == "--" and val is None:
+            break
         out.append((param, val))
     return out
 

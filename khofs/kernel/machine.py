@@ -149,7 +149,7 @@ class Machine:
     def _setup_params(self, params) -> None:
         """__setup() parameters, parsed after the early ones; their errors are silent."""
         for param, val in params:
-            if param == "reserve_mem":
+            if parameq(param, "reserve_mem"):
                 try:
                     parse_reserve_mem(val, self.reserve_mem, self.memblock, self._reserve_mem_revive)
                 except KernelError as e:

@@ -26,17 +26,17 @@ def _set_bits(bm: np.ndarray, lo: int, hi: int, value: bool) -> None:
     m0 = (0xFF << (lo & 7)) & 0xFF
     m1 = 0xFF >> (7 - ((hi - 1) & 7))
     if b0 == b1:
-        m = m0 & m1
-        bm[b0] = (bm[b0] | m) if value else (bm[b0] & ~m & 0xFF)
-        return
+        m0 &= m1
     if value:
         bm[b0] |= m0
-        bm[b0 + 1:b1] = 0xFF
-        bm[b1] |= m1
+        if b1 > b0:
+            bm[b0 + 1:b1] = 0xFF
+            bm[b1] |= m1
     else:
-        bm[b0] &= ~m0 & 0xFF
-        bm[b0 + 1:b1] = 0
-        bm[b1] &= ~m1 & 0xFF
+        bm[b0] &= 0xFF ^ m0
+        if b1 > b0:
+            bm[b0 + 1:b1] = 0
+            bm[b1] &= 0xFF ^ m1
 
 
 def bitmap_runs(bm: np.ndarray):

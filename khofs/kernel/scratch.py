@@ -38,7 +38,8 @@ def parse_kho_scratch(val, cfg: ScratchConfig, strict: bool) -> str:
         if len(p) > 11:
             raise KernelError(errno.EINVAL, "scale has more than 10 digits")
         cfg.scale = kstrtouint(p[:-1], 10)
-        return f"scratch scale is {cfg.scale}%"
+        # pr_notice prints the unsigned scale with %d.
+        return f"scratch scale is {cfg.scale - (1 << 32) if cfg.scale >= 1 << 31 else cfg.scale}%"
     sizes = []
     pos = 0
     for i in range(3):
