@@ -62,6 +62,8 @@ class Handle:
         self.node = node
 
     def _live(self):
+        # debugfs_file_get() fails once the file was removed (e.g. out/fdt after an abort).
+        self.node.tree.sync()
         if self.node.gone:
             raise KernelError(errno.EIO, "the file was removed")
 
@@ -240,9 +242,12 @@ class Tree:
             self._blob_children("out")
 
     # -- lookups -----------------------------------------------------------------
-    def get(self, ino: int) -> Node:
+    def sync(self) -> None:
         if self.kho is not None:
             self._sync_blobs()
+
+    def get(self, ino: int) -> Node:
+        self.sync()
         node = self.nodes.get(ino)
         if node is None or node.gone:
             raise KernelError(errno.ENOENT)

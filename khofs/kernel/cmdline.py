@@ -16,7 +16,8 @@ def split_cmdline(text: str):
         in_quote = quoted
         start, equals = i, -1
         while i < n and (in_quote or not text[i].isspace()):
-            if equals < 0 and text[i] == "=":
+            # next_arg() keeps `equals` 0 for "none yet": an '=' first in the word is no split.
+            if equals < 0 and text[i] == "=" and i > start:
                 equals = i
             if text[i] == '"':
                 in_quote = not in_quote
