@@ -162,13 +162,22 @@ def cmd_umount(args) -> int:
                 _err(f"cannot unmount {mnt}: {r.stderr.strip()}")
                 return EXIT_FAIL
     pid = (info or {}).get("pid")
+    clean = True
     if pid:
         deadline = time.monotonic() + 10
         while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+            clean = False
+    clean = clean and mounted is not None and info is not None
     runtime.remove_info(mnt)
+    if clean:
+        # The daemon went down normally: its log has nothing left to explain.
+        try:
+            os.unlink(runtime.paths(mnt)["log"])
+        except FileNotFoundError:
+            pass
     return EXIT_OK
 
 

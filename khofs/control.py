@@ -75,6 +75,8 @@ def command(name, required=(), optional=()):
 class Control:
     def __init__(self, host: Host):
         self.host = host
+        # Awaited after each request, before its reply (the daemon drops stale kernel caches).
+        self.settle = None
         self.user_allocs: dict[int, int] = {}        # phys -> pages, of the current boot
         self.subtrees: dict[str, UserSubtree] = {}
         host.on_new_tree.append(self._new_boot)
@@ -277,6 +279,8 @@ async def serve(control: Control, path: str, task_status=trio.TASK_STATUS_IGNORE
                         break
                     line, buf = bytes(buf[:nl]), buf[nl + 1:]
                     reply = control.handle_line(line)
+                    if control.settle is not None:
+                        await control.settle()
                     try:
                         await stream.send_all((json.dumps(reply) + "\n").encode())
                     except (trio.BrokenResourceError, trio.ClosedResourceError):

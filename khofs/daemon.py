@@ -43,6 +43,7 @@ class Daemon:
         self.ops = KhoOperations(host.tree, stat_size)
         host.on_new_tree.append(self.ops.set_tree)
         self.control = control.Control(host)
+        self.control.settle = self._drop_stale_entries
         self.sock_path = runtime.paths(mountpoint)["sock"]
         self.options = set(pyfuse3.default_options)     # default_permissions: the kernel checks modes
         self.options |= {"fsname=khofs", "subtype=khofs"}
@@ -50,6 +51,26 @@ class Daemon:
         if debug_fuse:
             self.options.add("debug")
         self._mounted = False
+
+    async def _drop_stale_entries(self) -> None:
+        """After a kexec, make the kernel forget the old boot's cached entries and attributes
+        before the kexec request is answered. Done in a thread: the kernel may wait for a
+        request in flight that this loop has to answer."""
+        stale, self.host.stale_entries = self.host.stale_entries, []
+        if not stale:
+            return
+
+        def work():
+            for parent, name in stale:
+                try:
+                    pyfuse3.invalidate_entry(parent, os.fsencode(name))
+                except OSError:
+                    pass            # not cached
+            try:
+                pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
+            except OSError:
+                pass
+        await trio.to_thread.run_sync(work)
 
     def mount(self) -> None:
         pyfuse3.init(self.ops, self.mountpoint, sorted(self.options))

@@ -27,6 +27,8 @@ class Node:
         self.atime = self.mtime = self.ctime = time.time_ns()
         self.seq = self.ino          # creation order: readdir lists newest first
         self.gone = False
+        # Static nodes live as long as the boot; only out/fdt and out/sub_fdts/* come and go.
+        self.static = True
 
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
@@ -227,6 +229,7 @@ class Tree:
             if node is None:
                 parent = self.out if dirname == "out" else self.out_sub
                 node = self._add(BlobFile(self, blob.name, parent, blob, self.machine.mem))
+                node.static = False
             live[key] = node
         for key, node in self.blob_nodes.items():
             if key not in live:

@@ -10,6 +10,11 @@ import pyfuse3
 from .debugfs import Dir, File, Node, Tree
 from .kernel.errors import KernelError
 
+# Entries and attributes of nodes that live as long as the boot may be cached by the kernel;
+# a kexec invalidates them. Nodes that come and go (out/fdt, out/sub_fdts/*) are never cached,
+# so they vanish the moment an abort completes.
+STATIC_TTL = 60.0
+
 
 def _fuse_errors(fn):
     async def wrapper(*args, **kw):
@@ -54,8 +59,7 @@ class KhoOperations(pyfuse3.Operations):
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime, node.mtime, node.ctime
         a.st_blksize = 4096
         a.st_blocks = 0
-        a.entry_timeout = 0
-        a.attr_timeout = 0
+        a.entry_timeout = a.attr_timeout = STATIC_TTL if node.static else 0
         if isinstance(node, Dir):
             a.st_nlink = node.nlink()
             a.st_size = 0

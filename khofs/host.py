@@ -19,6 +19,8 @@ class Host:
         self.state_dir = state_dir
         self.log = log or (lambda text: None)
         self.on_new_tree = []        # callbacks(tree) run after a kexec
+        # (parent inode, name) of the old boot's entries the kernel may still have cached.
+        self.stale_entries: list[tuple[int, str]] = []
         self.boot_log()
 
     @classmethod
@@ -54,6 +56,8 @@ class Host:
         self.machine = machine
         for node in self.tree.nodes.values():
             node.gone = True          # nothing of the old kernel's debugfs survives
+            if node is not self.tree.root:
+                self.stale_entries.append((node.parent.ino, node.name))
         self.tree = Tree(machine, last_ino=self.tree._ino)
         for cb in self.on_new_tree:
             cb(self.tree)
