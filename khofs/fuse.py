@@ -145,14 +145,15 @@ class KhoOperations(pyfuse3.Operations):
     def write(self, fh, off, buf):
         return self.handles[fh].write(off, buf)
 
-    async def flush(self, fh):
-        pass
+    # No flush(): pyfuse3's ENOSYS makes the kernel stop sending FLUSH, one request less
+    # per close. debugfs files have no flush either.
 
     async def release(self, fh):
         self.handles.pop(fh, None)
 
     async def fsync(self, fh, datasync):
-        pass
+        # debugfs file operations have no ->fsync: vfs_fsync() gives EINVAL.
+        raise pyfuse3.FUSEError(errno.EINVAL)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         # debugfs directories have no ->create.
