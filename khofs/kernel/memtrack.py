@@ -8,8 +8,6 @@ ranges become bitmap slices, so terabytes of preserved memory stay cheap.
 import errno
 import struct
 
-import numpy as np
-
 from .errors import KernelError
 from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, PhysMem
 
@@ -18,7 +16,7 @@ CHUNK_ELM = struct.Struct("<QQ")            # phys_start, bitmap
 KHOSER_BITMAP_SIZE = (PAGE_SIZE - CHUNK_HDR.size) // CHUNK_ELM.size   # 255
 
 
-def _set_bits(bm: np.ndarray, lo: int, hi: int, value: bool) -> None:
+def _set_bits(bm: memoryview, lo: int, hi: int, value: bool) -> None:
     """Set or clear bits [lo, hi) of a Linux bitmap held as little-endian bytes."""
     if hi <= lo:
         return
@@ -30,24 +28,32 @@ def _set_bits(bm: np.ndarray, lo: int, hi: int, value: bool) -> None:
     if value:
         bm[b0] |= m0
         if b1 > b0:
-            bm[b0 + 1:b1] = 0xFF
+            bm[b0 + 1:b1] = b"\xff" * (b1 - b0 - 1)
             bm[b1] |= m1
     else:
         bm[b0] &= 0xFF ^ m0
         if b1 > b0:
-            bm[b0 + 1:b1] = 0
+            bm[b0 + 1:b1] = bytes(b1 - b0 - 1)
             bm[b1] &= 0xFF ^ m1
 
 
-def bitmap_runs(bm: np.ndarray):
-    """(first, last+1) bit index of every run of set bits."""
-    if not bm.any():
+def bitmap_runs(bm: bytes):
+    """(first, last+1) bit index of every run of set bits (Linux bitmap: LSB first)."""
+    if not any(bm):
         return []
-    if bm.min() == 0xFF:
+    if bm.count(0xFF) == len(bm):
         return [(0, len(bm) * 8)]
-    bits = np.unpackbits(bm, bitorder="little").astype(np.int8)
-    edges = np.diff(np.concatenate(([0], bits, [0])))
-    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+    x = int.from_bytes(bm, "little")
+    runs = []
+    pos = 0
+    while x:
+        low = (x & -x).bit_length() - 1            # first set bit
+        x >>= low
+        ones = (~x & (x + 1)).bit_length() - 1       # length of the run of ones
+        runs.append((pos + low, pos + low + ones))
+        x >>= ones
+        pos += low + ones
+    return runs
 
 
 def split_orders(pfn: int, end_pfn: int):
@@ -69,9 +75,9 @@ class MemTracker:
         self.bitmap_bytes = bits // 8
         self.orders: dict[int, dict[int, int]] = {}
 
-    def _bitmap(self, phys: int) -> np.ndarray:
+    def _bitmap(self, phys: int) -> memoryview:
         pfn, off = divmod(phys, PAGE_SIZE)
-        return np.frombuffer(self.mem.page(pfn), dtype=np.uint8, count=self.bitmap_bytes, offset=off)
+        return memoryview(self.mem.page(pfn))[off:off + self.bitmap_bytes]
 
     def set_range(self, first: int, count: int, order: int) -> None:
         """Mark `count` consecutive order-`order` blocks, the first at block index `first`."""
@@ -135,7 +141,7 @@ class MemTracker:
     def preserved_bytes(self) -> int:
         total = 0
         for order, physxa in self.orders.items():
-            n = sum(int(np.bitwise_count(self._bitmap(b)).sum()) for b in physxa.values())
+            n = sum(int.from_bytes(self._bitmap(b), "little").bit_count() for b in physxa.values())
             total += n << (order + PAGE_SHIFT)
         return total
 
@@ -221,7 +227,7 @@ def _walk_bitmaps(mem: PhysMem, first: int, bits: int, max_chunks: int):
             start, bphys = CHUNK_ELM.unpack_from(page, CHUNK_HDR.size + i * CHUNK_ELM.size)
             if bphys + bitmap_bytes > mem.size:
                 raise MapError(f"bitmap at {bphys:#x} is outside memory")
-            bm = np.frombuffer(mem.read(bphys, bitmap_bytes), dtype=np.uint8)
+            bm = mem.read(bphys, bitmap_bytes)
             for lo, hi in bitmap_runs(bm):
                 yield order, start + lo * bsize, (hi - lo) * bsize
         phys = nxt

@@ -2,7 +2,6 @@
 
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -58,7 +57,7 @@ def bit_is_set(bm: bytes, b: int) -> bool:
 
 
 def set_bits(bm: bytes):
-    return np.flatnonzero(np.unpackbits(np.frombuffer(bm, np.uint8), bitorder="little")).tolist()
+    return [i for i in range(len(bm) * 8) if bm[i >> 3] >> (i & 7) & 1]
 
 
 def greedy(pfn, nr):
