@@ -249,10 +249,12 @@ class Tree:
         if self.kho is not None:
             self._sync_blobs()
 
-    def get(self, ino: int) -> Node:
+    def get(self, ino: int, removed_ok: bool = False) -> Node:
+        """The node of an inode; a removed one only if removed_ok (an open file outlives
+        its removal: fstat still works, with nlink 0)."""
         self.sync()
         node = self.nodes.get(ino)
-        if node is None or node.gone:
+        if node is None or (node.gone and not removed_ok):
             raise KernelError(errno.ENOENT)
         return node
 

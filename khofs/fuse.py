@@ -3,6 +3,7 @@
 import errno
 import os
 import sys
+import time
 import traceback
 
 import pyfuse3
@@ -64,7 +65,7 @@ class KhoOperations(pyfuse3.Operations):
             a.st_nlink = node.nlink()
             a.st_size = 0
         else:
-            a.st_nlink = 1
+            a.st_nlink = 0 if node.gone else 1
             a.st_size = node.content_size() if self.stat_size == "content" else 0
         return a
 
@@ -82,12 +83,14 @@ class KhoOperations(pyfuse3.Operations):
 
     @_fuse_errors
     def getattr(self, inode, ctx=None):
-        return self._attrs(self.tree.get(inode))
+        return self._attrs(self.tree.get(inode, removed_ok=True))
 
     @_fuse_errors
     def setattr(self, inode, attr, fields, fh, ctx):
         # simple_setattr: mode, owner and times change; a size change succeeds and does nothing.
-        node = self.tree.get(inode)
+        node = self.tree.get(inode, removed_ok=True)
+        # notify_change() stamps ctime on every attribute change; simple_setattr copies it.
+        node.ctime = time.time_ns()
         if fields.update_mode:
             node.mode = (node.mode & ~0o7777) | (attr.st_mode & 0o7777)
         if fields.update_uid:
@@ -112,12 +115,22 @@ class KhoOperations(pyfuse3.Operations):
         if not isinstance(node, Dir):
             raise KernelError(errno.ENOTDIR)
         fh = self._fh()
-        entries = [(".", node), ("..", node.parent)] + [(c.name, c) for c in self.tree.listdir(node)]
-        self.dir_handles[fh] = entries
+        self.dir_handles[fh] = [node, self._dir_entries(node)]
         return fh
 
+    def _dir_entries(self, node):
+        return [(".", node), ("..", node.parent)] + [(c.name, c) for c in self.tree.listdir(node)]
+
     async def readdir(self, fh, start_id, token):
-        entries = self.dir_handles.get(fh, [])
+        handle = self.dir_handles.get(fh)
+        if handle is None:
+            return
+        if start_id == 0:
+            # A stream read from the start (or rewound) lists the live children, as
+            # dcache_readdir does; later offsets continue the same listing.
+            self.tree.sync()
+            handle[1] = self._dir_entries(handle[0])
+        entries = handle[1]
         for i in range(start_id, len(entries)):
             name, node = entries[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), i + 1):

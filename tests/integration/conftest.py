@@ -1,0 +1,60 @@
+"""Fixtures that mount khofs through its CLI and always take the mount down again."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from khoit import ISSUE_ARGS, ISSUE_CMDLINE, Mounter, read, write_bytes
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.fuse)
+
+
+@pytest.fixture
+def mount_khofs(tmp_path):
+    """mount_khofs(*extra_args, cmdline="kho=on", name=None, check=True) -> Mount."""
+    m = Mounter(tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_mounter(tmp_path_factory):
+    m = Mounter(tmp_path_factory.mktemp("mnt"))
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture(scope="module")
+def issue_mount(module_mounter, request):
+    """One mount per module; indirect parametrization may pass (cmdline, *extra_args)."""
+    cmdline, *extra = getattr(request, "param", (ISSUE_CMDLINE, *ISSUE_ARGS))
+    return module_mounter(*extra, cmdline=cmdline)
+
+
+@pytest.fixture
+def unfinalized(issue_mount):
+    """The module mount, asserted unfinalized before the test and reset to it after."""
+    fin = os.path.join(issue_mount.out, "finalize")
+    assert read(fin) == b"0\n"
+    yield issue_mount
+    if read(fin) == b"1\n":
+        assert write_bytes(fin, b"0") == 1
+
+
+@pytest.fixture
+def finalized(unfinalized):
+    fin = os.path.join(unfinalized.out, "finalize")
+    assert write_bytes(fin, b"1") == 1
+    assert read(fin) == b"1\n"
+    return unfinalized

@@ -1,0 +1,122 @@
+"""Helpers shared by the integration tests (imported by conftest and the tests)."""
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KHOFS = [sys.executable, "-m", "khofs"]
+
+ISSUE_CMDLINE = "kho=on kho_scratch=16M,64M,16M reserve_mem=4M:4096:oops"
+ISSUE_ARGS = ("--memory", "1G")
+
+
+# -- helpers ---------------------------------------------------------------------------
+def khofs(*args, timeout=30):
+    return subprocess.run(KHOFS + [str(a) for a in args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def sh(cmd, timeout=30):
+    """Run cmd with bash; bytes stdout, text stderr."""
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, stdin=subprocess.DEVNULL,
+                       timeout=timeout)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout,
+                                       r.stderr.decode(errors="replace"))
+
+
+def is_mounted(path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def wait_until(pred, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    """False once every thread of pid has exited (so its /dev/fuse fd is closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    # A zombie leader can outlive its threads' exit only briefly; wait for them too.
+    return state != "Z" or tasks != [str(pid)]
+
+
+def daemon_pid(mnt) -> int:
+    """The daemon's pid, from the runtime info `khofs mount` leaves under /run/khofs."""
+    from khofs import runtime
+    info = runtime.read_info(os.path.realpath(mnt))
+    assert info and info.get("pid"), f"no runtime info for {mnt}"
+    return int(info["pid"])
+
+
+def read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(path, data: bytes, flags=os.O_WRONLY):
+    """One write(2) of data on a fresh open; the return value or the errno of the write."""
+    fd = os.open(path, flags)
+    try:
+        return os.write(fd, data)
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    finally:
+        os.close(fd)
+
+
+# -- mounting ----------------------------------------------------------------------------
+class Mount:
+    def __init__(self, path: str, result: subprocess.CompletedProcess):
+        self.path = path
+        self.result = result
+        self.kho = os.path.join(path, "kho")
+        self.out = os.path.join(path, "kho", "out")
+
+    def __fspath__(self):
+        return self.path
+
+    def __str__(self):
+        return self.path
+
+
+class Mounter:
+    def __init__(self, base: Path):
+        self.base = base
+        self.paths: list[str] = []
+
+    def __call__(self, *extra, cmdline="kho=on", name=None, check=True) -> Mount:
+        d = self.base / (name or f"mnt{len(self.paths)}")
+        d.mkdir(parents=True, exist_ok=True)
+        path = os.path.realpath(d)
+        if path not in self.paths:
+            self.paths.append(path)
+        args = ["mount", path] + ([] if cmdline is None else ["--cmdline", cmdline]) + list(extra)
+        r = khofs(*args)
+        if check:
+            assert r.returncode == 0, f"khofs {args} exited {r.returncode}: {r.stderr}"
+            assert is_mounted(path), f"{path} not in mountinfo after khofs mount"
+        return Mount(path, r)
+
+    def cleanup(self):
+        for path in self.paths:
+            if not is_mounted(path):
+                continue
+            try:
+                ok = khofs("umount", path, timeout=20).returncode == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+            if not ok or is_mounted(path):
+                subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, timeout=10)
