@@ -7,7 +7,7 @@ import subprocess
 import libfdt
 import pytest
 
-from conftest import khofs
+from ecohelp import khofs
 
 pytestmark = pytest.mark.fuse
 

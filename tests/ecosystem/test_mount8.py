@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import khofs, mounted
+from ecohelp import khofs, mounted
 
 pytestmark = pytest.mark.fuse
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KHOFS, mounted
+from ecohelp import KHOFS, mounted
 
 pytestmark = pytest.mark.fuse
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
