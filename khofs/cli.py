@@ -92,20 +92,38 @@ def _mount_foreground(args, mnt) -> int:
 def _mount_background(args, mnt) -> int:
     rfd, wfd = os.pipe()
     log_path = runtime.paths(mnt)["log"]
-    argv = [sys.executable, "-m", "khofs", "mount", "--foreground", "--ready-fd", str(wfd),
-            mnt, "--cmdline", args.cmdline, "--memory", str(args.memory), "--nodes", str(args.nodes),
-            "--boot-reserved", str(args.boot_reserved), "--abi", args.abi,
-            "--stat-size", args.stat_size]
-    if args.options:
-        argv += ["-o", args.options]
-    if args.state:
-        argv += ["--state", os.path.abspath(args.state)]
-    if args.debug_fuse:
-        argv.append("--debug-fuse")
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                pass_fds=(wfd,), start_new_session=True)
+    pid = os.fork()
+    if pid == 0:
+        # The daemon: its own session, stdio to the log, readiness through the pipe.
+        code = EXIT_FAIL
+        try:
+            os.close(rfd)
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+            os.close(devnull)
+            os.close(logfd)
+            args.ready_fd = wfd
+            code = _mount_foreground(args, mnt)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     os.close(wfd)
+
+    class _Proc:
+        returncode = None
+
+        @staticmethod
+        def wait():
+            _Proc.returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    proc = _Proc
     ok = False
     with os.fdopen(rfd) as r:
         for line in r:

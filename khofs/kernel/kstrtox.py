@@ -6,6 +6,11 @@ import errno
 U64_MASK = (1 << 64) - 1
 
 
+def _show(b: bytes) -> str:
+    """Bytes for an error message: text where printable, escapes otherwise."""
+    return '"' + b.decode("ascii", "backslashreplace").encode("unicode_escape").decode() + '"'
+
+
 def _fixup_radix(s: bytes, base: int) -> tuple[int, int]:
     """_parse_integer_fixup_radix: returns (base, index after any 0x prefix)."""
     i = 0
@@ -70,7 +75,7 @@ def kstrtoull(s: bytes, base: int = 0) -> int:
     if rest[:1] == b"\n":
         rest = rest[1:]
     if rest:
-        raise KernelError(errno.EINVAL, f"trailing characters {rest[:8]!r}")
+        raise KernelError(errno.EINVAL, f"unexpected {_show(rest[:8])} after the number")
     return val
 
 
@@ -98,7 +103,7 @@ def kstrtobool(s) -> bool:
             return True
         if c1 in (b"f", b"F"):
             return False
-    raise KernelError(errno.EINVAL, f"not a boolean: {s!r}")
+    raise KernelError(errno.EINVAL, f"{_show(s)} is not a boolean (y/n/1/0/on/off)")
 
 
 def simple_strtoull(s: bytes, base: int = 0) -> tuple[int, int]:

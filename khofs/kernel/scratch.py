@@ -5,7 +5,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import KernelError
-from .kstrtox import kstrtouint, memparse, U64_MASK
+from .kstrtox import _show, kstrtouint, memparse, U64_MASK
 from .physmem import (ARCH_LOW_ADDRESS_LIMIT, CMA_MIN_ALIGNMENT_BYTES, MEMBLOCK_ALLOC_ANYWHERE,
                       NUMA_NO_NODE, PAGE_SIZE, Memblock)
 
@@ -49,14 +49,14 @@ def parse_kho_scratch(val, cfg: ScratchConfig, strict: bool) -> str:
             pos += 1
         v, n = memparse(p[pos:])
         if n == 0 or (not strict and v == 0):
-            raise KernelError(errno.EINVAL, f"bad size {p[pos:pos + 12]!r}")
+            raise KernelError(errno.EINVAL, f"bad size {_show(p[pos:pos + 12])} (expected e.g. 16M)")
         sizes.append(v)
         pos += n
     if strict:
         if not (sum(sizes) & U64_MASK):
             raise KernelError(errno.EINVAL, "all scratch sizes are zero")
         if pos != len(p):
-            raise KernelError(errno.EINVAL, f"trailing text {p[pos:]!r}")
+            raise KernelError(errno.EINVAL, f"unexpected {_show(p[pos:])} after the third size")
     cfg.lowmem, cfg.global_, cfg.pernode = sizes
     cfg.scale = 0
     return (f"scratch areas: lowmem: {sizes[0] >> 20}MiB global: {sizes[1] >> 20}MiB "
