@@ -199,6 +199,10 @@ def cmd_umount(args) -> int:
     return EXIT_OK
 
 
+PHYS_HELP = "physical address in simulated memory (decimal or 0x hex)"
+SIZE_HELP = "bytes, with an optional K/M/G suffix"
+
+
 # -- control-plane commands ----------------------------------------------------------
 def _client(mnt):
     from .client import Client
@@ -429,15 +433,23 @@ def cmd_dump(args) -> int:
 
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="khofs", description=(
-        "khofs: Linux Kexec HandOver (KHO) debugfs, emulated over FUSE. The mount shows "
-        "<MNT>/kho/... as /sys/kernel/debug/kho/... would."))
+    p = argparse.ArgumentParser(
+        prog="khofs", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="khofs: Linux Kexec HandOver (KHO) debugfs, emulated over FUSE. The mount "
+        "shows <MNT>/kho/... as /sys/kernel/debug/kho/... would.",
+        epilog="examples:\n"
+        "  khofs mount /tmp/khofs --cmdline 'kho=on reserve_mem=4M:4096:oops'\n"
+        "  echo 1 > /tmp/khofs/kho/out/finalize; dtc -I dtb -O dts /tmp/khofs/kho/out/fdt\n"
+        "  khofs kexec /tmp/khofs; ls /tmp/khofs/kho/in/sub_fdts\n"
+        "  khofs umount /tmp/khofs\n\n"
+        "Each command has its own --help. Exit status: 0 success, 1 failure (the reason is on\n"
+        "stderr), 2 usage error. Also run by mount(8) as: khofs SOURCE MOUNTPOINT -o OPTIONS")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount an emulated KHO debugfs",
                        description="Boot an emulated kernel with the given command line and mount "
                        "its debugfs at MOUNTPOINT. Returns once the mount is ready.")
-    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     m.add_argument("--cmdline", default="kho=on",
                    help='kernel command line (default "kho=on"); kho=, kho_scratch= and '
                    "reserve_mem= are understood")
@@ -463,15 +475,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
-    u = sub.add_parser("umount", help="unmount and stop the daemon (also clears a dead mount)")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u = sub.add_parser("umount", help="unmount and stop the daemon (also clears a dead mount)",
+                       description="Unmount MOUNTPOINT and wait for its daemon to exit. A mount "
+                       "whose daemon died (\"Transport endpoint is not connected\") is cleared "
+                       "too. Fails if processes still use the mount.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
     u.set_defaults(func=cmd_umount)
 
     k = sub.add_parser("kexec", help="kexec the emulated kernel (load and exec, or one step)",
                        description="khofs kexec MNT = kexec -s -l + kexec -e; `khofs kexec load "
                        "MNT` and `khofs kexec exec MNT` are the two steps apart. In ABI 6.18 the "
                        "handover is attached at load time, and only if finalized.")
-    k.add_argument("words", nargs="+", metavar="[load|exec] MOUNTPOINT")
+    k.add_argument("words", nargs="+", metavar="[load|exec] MOUNTPOINT",
+                   help="the step (both when omitted) and a khofs mount point")
     k.add_argument("--cmdline", help="command line of the next kernel (default: the current one)")
     k.add_argument("--release", help="uname -r of the next kernel")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -487,54 +503,60 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read simulated memory through the control socket")
     d.set_defaults(func=cmd_dump)
 
-    st = sub.add_parser("status", help="what the emulated kernel is doing")
-    st.add_argument("mountpoint", metavar="MOUNTPOINT")
+    st = sub.add_parser("status", help="what the emulated kernel is doing",
+                        description="Release, previous release, kexec count, command line, "
+                        "finalized, preserved bytes and scratch areas of the current boot.")
+    st.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("ctl", help="act as a kernel subsystem: memory, preservation, subtrees, faults")
-    c.add_argument("mountpoint", metavar="MOUNTPOINT")
+    c = sub.add_parser("ctl", help="act as a kernel subsystem: memory, preservation, subtrees, faults",
+                       description="Drive the emulated kernel the way a kernel subsystem would: "
+                       "allocate and fill simulated memory, preserve it, register sub-FDTs, "
+                       "inject failures. Addresses take 0x hex; sizes take K/M/G suffixes. "
+                       "Protocol: docs/control-protocol.md.")
+    c.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
     c.add_argument("--json", action="store_true", help="print results as JSON")
     csub = c.add_subparsers(dest="action", metavar="ACTION", required=True)
     mem = csub.add_parser("mem", help="simulated physical memory")
     msub = mem.add_subparsers(dest="mem_action", required=True)
     x = msub.add_parser("alloc", help="allocate SIZE bytes (whole pages); prints the address")
-    x.add_argument("size", type=_size)
+    x.add_argument("size", type=_size, help=SIZE_HELP)
     x = msub.add_parser("free", help="free an allocation")
-    x.add_argument("phys", type=_num)
+    x.add_argument("phys", type=_num, help="the address mem alloc printed")
     x = msub.add_parser("write", help="write a file's bytes (or - for stdin) at PHYS")
-    x.add_argument("phys", type=_num)
-    x.add_argument("file")
+    x.add_argument("phys", type=_num, help=PHYS_HELP)
+    x.add_argument("file", help="a file, or - for standard input")
     x = msub.add_parser("read", help="write SIZE bytes at PHYS to stdout")
-    x.add_argument("phys", type=_num)
-    x.add_argument("size", type=_size)
+    x.add_argument("phys", type=_num, help=PHYS_HELP)
+    x.add_argument("size", type=_size, help=SIZE_HELP)
     sb = csub.add_parser("subtree", help="a producer's sub-FDT")
     ssub = sb.add_subparsers(dest="sub_action", required=True)
     x = ssub.add_parser("add", help="register NAME with a .dts or .dtb (or - for stdin)")
-    x.add_argument("name")
-    x.add_argument("file")
+    x.add_argument("name", help="the subtree's node name (out/sub_fdts/NAME)")
+    x.add_argument("file", help="a .dts (compiled with dtc) or .dtb file, or - for stdin")
     x.add_argument("--no-preserve", action="store_true",
                    help="do not preserve the blob's pages (the classic misuse)")
     x = ssub.add_parser("remove", help="unregister NAME")
-    x.add_argument("name")
+    x.add_argument("name", help="a name given to subtree add")
     ssub.add_parser("list", help="registered subtrees")
     for name, hlp in (("preserve", "kho_preserve_pages of [PHYS, PHYS+SIZE)"),
                       ("unpreserve", "kho_unpreserve_pages of [PHYS, PHYS+SIZE)")):
         x = csub.add_parser(name, help=hlp)
-        x.add_argument("phys", type=_num)
-        x.add_argument("size", type=_size)
+        x.add_argument("phys", type=_num, help=PHYS_HELP + ", page aligned")
+        x.add_argument("size", type=_size, help=SIZE_HELP + ", whole pages")
     x = csub.add_parser("preserve-folio", help="kho_preserve_folio of an order-ORDER folio")
-    x.add_argument("phys", type=_num)
-    x.add_argument("order", type=int)
+    x.add_argument("phys", type=_num, help=PHYS_HELP + ", aligned to the folio size")
+    x.add_argument("order", type=int, help="folio order: 2**ORDER pages")
     x.add_argument("--count", type=int, default=1, help="COUNT consecutive folios")
     x = csub.add_parser("unpreserve-folio", help="kho_unpreserve_folio")
-    x.add_argument("phys", type=_num)
-    x.add_argument("order", type=int)
+    x.add_argument("phys", type=_num, help=PHYS_HELP)
+    x.add_argument("order", type=int, help="folio order: 2**ORDER pages")
     x = csub.add_parser("fail", help="the next OP (finalize|abort) fails with ERRNO (e.g. ENOMEM)")
-    x.add_argument("op", choices=["finalize", "abort"])
-    x.add_argument("errno")
+    x.add_argument("op", choices=["finalize", "abort"], help="which operation fails")
+    x.add_argument("errno", help="errno name (ENOMEM) or number")
     x = csub.add_parser("test-kho", help="load the KHO test module now")
-    x.add_argument("--seed", type=int)
+    x.add_argument("--seed", type=int, help="seed for the folio orders and contents")
     csub.add_parser("log", help="the kernel log of this boot")
     c.set_defaults(func=cmd_ctl)
     return p

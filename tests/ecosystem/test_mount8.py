@@ -81,3 +81,17 @@ def test_split_mount_options():
     assert helper_argv(["none", "/m", "-o", "rw,abi=6.16,stat_size=zero,auto_unmount,suid"]) == \
         ["mount", "/m", "--abi", "6.16", "--stat-size", "zero", "-o", "auto_unmount"]
     assert helper_argv(["mount", "/m"]) is None
+
+
+def test_existing_tool_sees_khofs_at_the_real_path(mnt):
+    # A private mount namespace with khofs bound over /sys/kernel/debug: the host's debugfs
+    # is untouched and the tool uses its usual paths.
+    assert khofs("mount", mnt, "--cmdline", "kho=on reserve_mem=4M:4096:oops").returncode == 0
+    r = subprocess.run(["unshare", "-m", "sh", "-c",
+                        f"mount --bind {mnt} /sys/kernel/debug && "
+                        "cat /sys/kernel/debug/kho/out/finalize && "
+                        "echo 1 > /sys/kernel/debug/kho/out/finalize && "
+                        "ls /sys/kernel/debug/kho/out/sub_fdts"], capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "0\nmemblock\n", "")
+    assert (mnt / "kho/out/finalize").read_bytes() == b"1\n"
+    assert not os.path.exists("/sys/kernel/debug/kho/out/fdt")
