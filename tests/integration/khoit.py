@@ -120,3 +120,49 @@ class Mounter:
                 ok = False
             if not ok or is_mounted(path):
                 subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, timeout=10)
+
+
+def khofs_bytes(*args, check=True, timeout=30, **kw):
+    """Run khofs with bytes output; by default a non-zero exit fails the test."""
+    r = subprocess.run(KHOFS + [str(a) for a in args], capture_output=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"khofs {' '.join(map(str, args))} exited {r.returncode}:\n"
+                             f"{r.stderr.decode(errors='replace')}")
+    return r
+
+
+class PathMounts:
+    """mounts(*args, name="mnt") -> realpath of a fresh khofs mount under `base`;
+    cleanup() always leaves nothing mounted, and shows each daemon log (on failure)."""
+
+    def __init__(self, base):
+        self.base, self.mounted = base, []
+
+    def __call__(self, *args, name="mnt", check=True):
+        d = self.base / name
+        d.mkdir(exist_ok=True)
+        mnt = os.path.realpath(d)
+        if mnt not in self.mounted:
+            self.mounted.append(mnt)
+        r = khofs_bytes("mount", mnt, *args, check=False)
+        if check:
+            assert r.returncode == 0, f"mount failed: {r.stderr.decode(errors='replace')}"
+            assert is_mounted(mnt)
+        return mnt
+
+    def cleanup(self):
+        from khofs import runtime
+        for mnt in self.mounted:
+            log = runtime.paths(mnt)["log"]
+            try:
+                subprocess.run(KHOFS + ["umount", mnt], capture_output=True, timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            if is_mounted(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, timeout=10)
+            try:
+                with open(log, errors="replace") as f:
+                    print(f"--- daemon log of {mnt}:\n{f.read()}")
+                os.unlink(log)
+            except FileNotFoundError:
+                pass

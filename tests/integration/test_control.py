@@ -13,65 +13,19 @@ import pytest
 
 from khofs import runtime
 from khofs.client import Client, ControlError
+from khoit import KHOFS, PathMounts, is_mounted
+from khoit import khofs_bytes as khofs
 
 pytestmark = pytest.mark.fuse
 
-KHOFS = [sys.executable, "-m", "khofs"]
 PAGE = 4096
 MEM = 1 << 30
 DTS = '/dts-v1/;\n/ { compatible = "ctl-test-v1"; };\n'
 
 
-def khofs(*args, check=True, timeout=30, **kw):
-    r = subprocess.run(KHOFS + [str(a) for a in args], capture_output=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"khofs {' '.join(map(str, args))} exited {r.returncode}:\n"
-                             f"{r.stderr.decode(errors='replace')}")
-    return r
-
-
-def is_mounted(mnt):
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == mnt for line in f)
-
-
-class Mounts:
-    """Mounts khofs under `base`; cleanup() always leaves nothing mounted."""
-
-    def __init__(self, base):
-        self.base, self.mounted = base, []
-
-    def __call__(self, *args, name="mnt"):
-        d = self.base / name
-        d.mkdir(exist_ok=True)
-        mnt = os.path.realpath(d)
-        self.mounted.append(mnt)
-        r = khofs("mount", mnt, *args, check=False)
-        assert r.returncode == 0, f"mount failed: {r.stderr.decode(errors='replace')}"
-        assert is_mounted(mnt)
-        return mnt
-
-    def cleanup(self):
-        for mnt in self.mounted:
-            log = runtime.paths(mnt)["log"]
-            try:
-                subprocess.run(KHOFS + ["umount", mnt], capture_output=True, timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            if is_mounted(mnt):
-                subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, timeout=10)
-            # The daemon log goes to the captured output (shown on failure), then away.
-            try:
-                with open(log, errors="replace") as f:
-                    print(f"--- daemon log of {mnt}:\n{f.read()}")
-                os.unlink(log)
-            except FileNotFoundError:
-                pass
-
-
 @pytest.fixture
 def mount_khofs(tmp_path):
-    m = Mounts(tmp_path)
+    m = PathMounts(tmp_path)
     try:
         yield m
     finally:
@@ -81,7 +35,7 @@ def mount_khofs(tmp_path):
 @pytest.fixture(scope="module")
 def ctl_mnt(tmp_path_factory):
     """One mount shared by the rejected-request cases, each of which must change nothing."""
-    m = Mounts(tmp_path_factory.mktemp("ctl"))
+    m = PathMounts(tmp_path_factory.mktemp("ctl"))
     try:
         mnt = m("--cmdline", "kho=on", "--memory", "1G")
         with Client(mnt) as c:

@@ -14,10 +14,11 @@ import pytest
 
 from khofs import runtime
 from khofs.client import Client
+from khoit import KHOFS, PathMounts, is_mounted, pid_alive
+from khoit import khofs_bytes as khofs
 
 pytestmark = pytest.mark.fuse
 
-KHOFS = [sys.executable, "-m", "khofs"]
 PAGE = 4096
 
 MY_DTS = """/dts-v1/;
@@ -30,33 +31,8 @@ MY_DTS = """/dts-v1/;
 
 
 # -- helpers ------------------------------------------------------------------------
-def khofs(*args, check=True, timeout=30, **kw):
-    r = subprocess.run(KHOFS + [str(a) for a in args], capture_output=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"khofs {' '.join(map(str, args))} exited {r.returncode}:\n"
-                             f"{r.stderr.decode(errors='replace')}")
-    return r
-
-
 def sh(cmd, timeout=30):
     return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=timeout)
-
-
-def is_mounted(mnt):
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == mnt for line in f)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for(pred, timeout=10.0, what="condition"):
@@ -73,36 +49,11 @@ def wait_for(pred, timeout=10.0, what="condition"):
 @pytest.fixture
 def mount_khofs(tmp_path):
     """mount_khofs(*args, name="mnt") -> realpath of a fresh khofs mount; always unmounted."""
-    mounted = []
-
-    def mount(*args, name="mnt", check=True):
-        d = tmp_path / name
-        d.mkdir(exist_ok=True)
-        mnt = os.path.realpath(d)
-        if mnt not in mounted:
-            mounted.append(mnt)
-        r = khofs("mount", mnt, *args, check=False)
-        if check:
-            assert r.returncode == 0, f"mount failed: {r.stderr.decode(errors='replace')}"
-            assert is_mounted(mnt)
-        return mnt
-
-    yield mount
-    for mnt in mounted:
-        log = runtime.paths(mnt)["log"]
-        try:
-            subprocess.run(KHOFS + ["umount", mnt], capture_output=True, timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, timeout=10)
-        # The daemon log goes to the captured output (shown on failure), then away.
-        try:
-            with open(log, errors="replace") as f:
-                print(f"--- daemon log of {mnt}:\n{f.read()}")
-            os.unlink(log)
-        except FileNotFoundError:
-            pass
+    m = PathMounts(tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()
 
 
 def rd(path):
