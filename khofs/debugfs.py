@@ -177,6 +177,7 @@ class Tree:
         self.kho = self.out = self.out_sub = self.in_ = None
         self.in_children: list[Node] = []
         self.blob_nodes: dict[tuple, BlobFile] = {}
+        self._blob_gen = -1
         kho_out = machine.kho_out
         if kho_out is None:
             return
@@ -222,6 +223,10 @@ class Tree:
 
     def _sync_blobs(self):
         """Create nodes for new kho_out blobs; mark vanished ones gone."""
+        gen = self.machine.kho_out.generation
+        if gen == self._blob_gen:
+            return
+        self._blob_gen = gen
         live = {}
         for dirname, blob in self.machine.kho_out.fdt_list:
             key = (dirname, blob.seq)

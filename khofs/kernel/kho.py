@@ -34,6 +34,7 @@ class Blob:
     phys: int
     size: int
     seq: int = 0
+    generation: int = 0      # bumped whenever fdt_list changes
 
 
 @dataclass
@@ -50,6 +51,7 @@ class KhoOut:
     preserved_mem_map: int = 0
     map_chunks: list = field(default_factory=list)
     seq: int = 0
+    generation: int = 0      # bumped whenever fdt_list changes
 
     def __post_init__(self):
         self.track = MemTracker(self.mem, self.kmalloc, self.profile.preserve_bits)
@@ -120,6 +122,7 @@ class KhoOut:
         if any(b.name == name and d == dirname for d, b in self.fdt_list):
             raise KernelError(errno.EEXIST, f"debugfs entry {dirname}/{name} exists")
         self.seq += 1
+        self.generation += 1
         self.fdt_list.append((dirname, Blob(name, phys, totalsize(self.mem.read(phys, 8)), self.seq)))
 
     def add_subtree(self, name: str, fdt_phys: int) -> None:
@@ -193,6 +196,7 @@ class KhoOut:
             self._debugfs_add("out", "fdt", self.fdt_page)
         else:
             self.fdt_list.clear()
+            self.generation += 1
 
     # -- views ----------------------------------------------------------------
     def blobs(self, dirname: str):
