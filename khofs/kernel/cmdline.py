@@ -1,12 +1,19 @@
 """The kernel command line: splitting it like next_arg() and dispatching early parameters."""
 
+# isspace() of the kernel's ctype table (Latin-1): not Python's, which also counts \x1c-\x1f.
+KERNEL_SPACE = frozenset(" \t\n\v\f\r\xa0")
+
+
+def kisspace(c: str) -> bool:
+    return c in KERNEL_SPACE
+
 
 def split_cmdline(text: str):
     """[(param, value or None)] in order, split as next_arg() does; `--` ends kernel params."""
     out = []
     i, n = 0, len(text)
     while True:
-        while i < n and text[i].isspace():
+        while i < n and kisspace(text[i]):
             i += 1
         if i >= n:
             break
@@ -15,7 +22,7 @@ def split_cmdline(text: str):
             i += 1
         in_quote = quoted
         start, equals = i, -1
-        while i < n and (in_quote or not text[i].isspace()):
+        while i < n and (in_quote or not kisspace(text[i])):
             # next_arg() keeps `equals` 0 for "none yet": an '=' first in the word is no split.
             if equals < 0 and text[i] == "=" and i > start:
                 equals = i

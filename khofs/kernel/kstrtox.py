@@ -87,15 +87,15 @@ def kstrtouint(s: bytes, base: int = 0) -> int:
 
 
 def kstrtobool(s) -> bool:
-    """kstrtobool: y/Y/1 true, n/N/0 false, on/off by the second character."""
+    """kstrtobool (6.2+): e/E/y/Y/t/T/1 true, d/D/n/N/f/F/0 false, on/off by the second character."""
     if s is None:
         raise KernelError(errno.EINVAL, "no value")
     if isinstance(s, str):
         s = s.encode()
     c0 = s[:1]
-    if c0 in (b"y", b"Y", b"1"):
+    if c0 and c0 in b"eEyYtT1":
         return True
-    if c0 in (b"n", b"N", b"0"):
+    if c0 and c0 in b"dDnNfF0":
         return False
     if c0 in (b"o", b"O"):
         c1 = s[1:2]
@@ -103,7 +103,7 @@ def kstrtobool(s) -> bool:
             return True
         if c1 in (b"f", b"F"):
             return False
-    raise KernelError(errno.EINVAL, f"{_show(s)} is not a boolean (y/n/1/0/on/off)")
+    raise KernelError(errno.EINVAL, f"{_show(s)} is not a boolean (y/n/1/0/on/off/true/false/enable/disable)")
 
 
 def simple_strtoull(s: bytes, base: int = 0) -> tuple[int, int]:

@@ -72,6 +72,16 @@ def test_split_whitespace_only():
     assert split_cmdline("   \t ") == []
 
 
+def test_split_on_kernel_isspace_only():
+    # \x1c-\x1f are Python whitespace but control characters to the kernel's ctype.
+    assert split_cmdline("a\x1cb\vc\x1fd\re") == [("a\x1cb", None), ("c\x1fd", None), ("e", None)]
+
+
+def test_reserve_mem_name_of_control_characters_is_text():
+    m = boot("kho=on reserve_mem=1M:64:\x1f reserve_mem=1M:64:oo\x1cps")
+    assert [r.name for r in m.reserve_mem] == ["\x1f", "oo\x1cps"]
+
+
 @pytest.mark.parametrize("a,b,eq", [
     ("kho_scratch", "kho-scratch", True),
     ("kho-scratch", "kho_scratch", True),
@@ -85,7 +95,7 @@ def test_parameq_dash_underscore(a, b, eq):
 
 # -- early params: kho= ----------------------------------------------------------------
 
-@pytest.mark.parametrize("val", ["on", "y", "Y", "1", "yes", "ON", "oN"])
+@pytest.mark.parametrize("val", ["on", "y", "Y", "1", "yes", "ON", "oN", "true", "enable"])
 def test_kho_enabled_values(val):
     m = boot(f"kho={val}")
     assert m.kho_enable is True
@@ -93,7 +103,7 @@ def test_kho_enabled_values(val):
     assert m.warnings() == []
 
 
-@pytest.mark.parametrize("val", ["off", "n", "N", "0", "OFF"])
+@pytest.mark.parametrize("val", ["off", "n", "N", "0", "OFF", "false", "disable"])
 def test_kho_disabled_values(val):
     m = boot(f"kho={val}")
     assert m.kho_enable is False
@@ -114,7 +124,7 @@ def test_kho_without_value_is_malformed():
     assert any(s.startswith("kho") for s in m.ignored)
 
 
-@pytest.mark.parametrize("cmdline", ["kho=", "kho=true", "kho=x"])
+@pytest.mark.parametrize("cmdline", ["kho=", "kho=x", "kho=awake"])
 def test_kho_bad_value_is_malformed(cmdline):
     m = boot(cmdline)
     assert "Malformed early option 'kho'" in texts(m)

@@ -100,18 +100,20 @@ def test_kstrtoull_too_big_is_erange(n):
 
 # -- kstrtobool -------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", ["y", "Y", "1", "yes", "1abc", "on", "oN", "On", "ON", "onward"])
+@pytest.mark.parametrize("text", ["y", "Y", "1", "yes", "1abc", "on", "oN", "On", "ON", "onward",
+                                  "t", "T", "true", "e", "E", "enable", "enabled"])
 def test_kstrtobool_true(text):
     assert kstrtobool(text) is True
     assert kstrtobool(text.encode()) is True
 
 
-@pytest.mark.parametrize("text", ["n", "N", "0", "no", "0x1", "off", "OFF", "oF", "Of"])
+@pytest.mark.parametrize("text", ["n", "N", "0", "no", "0x1", "off", "OFF", "oF", "Of",
+                                  "f", "F", "false", "d", "D", "disable", "disabled"])
 def test_kstrtobool_false(text):
     assert kstrtobool(text) is False
 
 
-@pytest.mark.parametrize("text", ["", "o", "ox", "x", "true", "false", "2", " y", "\ny", "-1", "O"])
+@pytest.mark.parametrize("text", ["", "o", "ox", "x", "2", " y", "\ny", "-1", "O", "\x1cy", "a", "s"])
 def test_kstrtobool_garbage(text):
     assert err_of(kstrtobool, text) == errno.EINVAL
 

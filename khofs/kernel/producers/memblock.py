@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from ..errors import KernelError
 from ..fdt import PageFdtSw, u64
 from ..kho import KhoOut, Producer
+from ..cmdline import kisspace
 from ..kstrtox import memparse
 from ..physmem import PAGE_SHIFT, PAGE_SIZE, SMP_CACHE_BYTES, Memblock
 
@@ -44,7 +45,7 @@ def parse_reserve_mem(val, table: list, memblock: Memblock, revive=None) -> Rese
     name = p[pos + 1:].decode(errors="replace")
     if not name or len(p[pos + 1:]) >= RESERVE_MEM_NAME_SIZE:
         raise KernelError(errno.EINVAL, f"name must be 1 to {RESERVE_MEM_NAME_SIZE - 1} characters")
-    if not name.strip():
+    if all(kisspace(c) for c in name):
         raise KernelError(errno.EINVAL, "name is blank")
     if any(r.name == name for r in table):
         raise KernelError(errno.EBUSY, f"name {name!r} is already used")
