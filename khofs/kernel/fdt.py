@@ -46,6 +46,16 @@ def totalsize(blob) -> int:
     return struct.unpack_from(">I", blob, 4)[0]
 
 
+def _ro(blob) -> bytearray:
+    """A copy libfdt can read safely: a header claiming more bytes than we hold is clamped, so
+    lookups fail as truncated instead of reading past the buffer (the kernel would read on
+    into whatever memory follows)."""
+    buf = bytearray(blob)
+    if len(buf) >= 8 and totalsize(buf) > len(buf):
+        struct.pack_into(">I", buf, 4, len(buf))
+    return buf
+
+
 def check_header(blob) -> int:
     """fdt_check_header: 0 or a negative libfdt error."""
     if len(blob) < FDT_HEADER.size:
@@ -58,13 +68,13 @@ def check_header(blob) -> int:
 
 def node_check_compatible(blob, offset: int, compat: str) -> int:
     """fdt_node_check_compatible: 0 match, 1 no match, negative libfdt error."""
-    return libfdt.fdt_node_check_compatible(bytearray(blob), offset, compat)
+    return libfdt.fdt_node_check_compatible(_ro(blob), offset, compat)
 
 
 def getprop(blob, offset: int, name: str):
     """bytes of a property, or None."""
     try:
-        prop = libfdt.Fdt(bytearray(blob)).getprop(offset, name, (libfdt.NOTFOUND,))
+        prop = libfdt.Fdt(_ro(blob)).getprop(offset, name, (libfdt.NOTFOUND,))
     except libfdt.FdtException:
         return None
     return None if isinstance(prop, int) else bytes(prop)
@@ -75,7 +85,7 @@ def subnodes(blob, offset: int = 0):
     fdt_for_each_subnode() stops at the first error."""
     out = []
     try:
-        f = libfdt.Fdt(bytearray(blob))
+        f = libfdt.Fdt(_ro(blob))
         child = f.first_subnode(offset, (libfdt.NOTFOUND,))
         while child >= 0:
             out.append((f.get_name(child), child))
@@ -87,7 +97,7 @@ def subnodes(blob, offset: int = 0):
 
 def prop_value_offset(blob, node: int, name: str) -> int:
     """Byte offset in the blob of a property's value (where fdt_property_placeholder points)."""
-    f = libfdt.Fdt(bytearray(blob))
+    f = libfdt.Fdt(_ro(blob))
     off = f.first_property_offset(node, (libfdt.NOTFOUND,))
     while off >= 0:
         prop = f.get_property_by_offset(off)
@@ -99,7 +109,7 @@ def prop_value_offset(blob, node: int, name: str) -> int:
 
 def tree(blob, offset: int = 0, depth: int = 0) -> dict:
     """{"name", "props": [(name, bytes)], "children": [...]} of a node, via libfdt."""
-    f = libfdt.Fdt(bytearray(blob))
+    f = libfdt.Fdt(_ro(blob))
     name = f.get_name(offset) if offset else ""
     props = []
     off = f.first_property_offset(offset, (libfdt.NOTFOUND,))

@@ -83,6 +83,9 @@ def sub_fdt_entries(mem: PhysMem, fdt_phys: int, log):
             continue
         phys = int.from_bytes(prop, "little")
         size = totalsize(mem.read(phys, 8)) if phys + 8 <= mem.size else 0
+        if phys + max(size, 8) > mem.size:
+            log(f"khofs: sub-FDT '{name}' at 0x{phys:x} ({size} bytes) runs past the end of "
+                "memory: reading beyond it fails with EFAULT (a real kernel would fault)")
         out.append((name, phys, size))
     return out
 

@@ -165,7 +165,11 @@ class Machine:
             if e.errno != errno.ENOENT:
                 self.warn(f"failed to retrieve FDT '{MEMBLOCK_KHO_FDT}' from KHO: {-e.errno}")
             return None
-        fdt = self.mem.read(phys, PAGE_SIZE)
+        if phys + 40 > self.mem.size:
+            self.warn(f"khofs: FDT '{MEMBLOCK_KHO_FDT}' at 0x{phys:x} is outside memory; "
+                      "a real kernel would fault reading it")
+            return None
+        fdt = self.mem.read(phys, min(PAGE_SIZE, self.mem.size - phys))
         err = node_check_compatible(fdt, 0, MEMBLOCK_KHO_NODE_COMPATIBLE)
         if err:
             self.warn(f"FDT '{MEMBLOCK_KHO_FDT}' is incompatible with "
@@ -222,6 +226,12 @@ class Machine:
         runs = preserved_runs(self.mem, self.kho_in.fdt_phys, self.profile.preserve_bits, self.warn)
         fdt_ok = False
         self.incoming_runs = runs
+        outside = [(p, s) for _, p, s in runs if p + s > self.mem.size]
+        if outside:
+            p, s = outside[0]
+            self.warn(f"khofs: the incoming memory map preserves {len(outside)} range(s) outside "
+                      f"memory (first [0x{p:x}, 0x{p + s:x})); a real kernel would write to "
+                      "struct pages that do not exist")
         for order, phys, size in runs:
             self.memblock.reserve(phys, size)
             self.preserved.add(phys, phys + size)
@@ -311,9 +321,9 @@ class Machine:
         if prop is None or len(prop) != 8:
             return
         phys = int.from_bytes(prop, "little")
-        seen = 0
-        while phys and phys + PAGE_SIZE <= self.mem.size and seen < (1 << 20):
-            seen += 1
+        seen = set()
+        while phys and phys + PAGE_SIZE <= self.mem.size and phys not in seen:
+            seen.add(phys)
             keep.add(phys, phys + PAGE_SIZE)
             page = self.mem.read(phys, PAGE_SIZE)
             num = min(int.from_bytes(page[12:16], "little"), 255)

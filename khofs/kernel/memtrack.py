@@ -208,14 +208,16 @@ def walk_memory_map(mem: PhysMem, first: int, bits: int, max_chunks: int = 1 << 
 
 def _walk_bitmaps(mem: PhysMem, first: int, bits: int, max_chunks: int):
     phys = first
-    seen = 0
+    seen = set()
     bitmap_bytes = bits // 8
     while phys:
         if phys % PAGE_SIZE or phys + PAGE_SIZE > mem.size:
             raise MapError(f"chunk at {phys:#x} is not a page of memory")
-        seen += 1
-        if seen > max_chunks:
-            raise MapError("chunk list does not end (loop?)")
+        if phys in seen:
+            raise MapError(f"chunk list loops back to {phys:#x}")
+        seen.add(phys)
+        if len(seen) > max_chunks:
+            raise MapError("chunk list does not end")
         page = mem.read(phys, PAGE_SIZE)
         nxt, order, num = CHUNK_HDR.unpack_from(page)
         if num > KHOSER_BITMAP_SIZE:

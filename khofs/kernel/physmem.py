@@ -255,8 +255,9 @@ class PageAllocator:
         starts, ends = self.used.starts, self.used.ends
         i = len(starts) - 1
         while True:
-            gap_start = ends[i] if i >= 0 else 0
-            gap_end = cur_end
+            # Reservations may name memory that does not exist (a corrupt incoming map).
+            gap_start = min(ends[i], self.mem.size) if i >= 0 else 0
+            gap_end = min(cur_end, self.mem.size)
             cand = round_down(gap_end - size, align) if gap_end >= size else -1
             if cand >= gap_start and cand >= PAGE_SIZE:
                 self.used.add(cand, cand + size)

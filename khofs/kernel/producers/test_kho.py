@@ -144,6 +144,8 @@ def _fold_add(a: int, b: int) -> int:
 
 def restore(mem, fdt_phys: int, runs) -> bool:
     """The module's restore path: True iff every check passes."""
+    if fdt_phys + 8 > mem.size:
+        return False
     size = totalsize(mem.read(fdt_phys, 8))
     if not 0 < size <= 64 * PAGE_SIZE or fdt_phys + size > mem.size:
         return False
