@@ -5,7 +5,6 @@ Replies are {"ok": true, ...} or {"ok": false, "errno": N, "error": "ENAME", "me
 """
 
 import base64
-import binascii
 import errno
 import json
 import os
@@ -49,7 +48,7 @@ def _str(req, key, optional=False):
 def _bytes(req, key):
     try:
         return base64.b64decode(_str(req, key), validate=True)
-    except binascii.Error:
+    except ValueError:          # binascii.Error, or characters outside ASCII
         raise BadRequest(f"'{key}' must be base64") from None
 
 
@@ -100,6 +99,8 @@ class Control:
                 req = json.loads(line)
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"bad JSON: {e}") from None
+            except RecursionError:
+                raise BadRequest("bad JSON: nested too deeply") from None
             if not isinstance(req, dict):
                 raise BadRequest("a request is a JSON object")
             cmd = req.get("cmd")

@@ -58,4 +58,4 @@ class FailNext(Producer):
 
 def valid_node_name(name: str) -> bool:
     """A node name the kernel's FDT and debugfs both accept."""
-    return 0 < len(name) <= 31 and all(c.isalnum() or c in ",._+-@" for c in name)
+    return 0 < len(name) <= 31 and name.isascii() and all(c.isalnum() or c in ",._+-@" for c in name)
