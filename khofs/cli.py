@@ -52,6 +52,16 @@ def _boot_host(args):
 def _mount_foreground(args, mnt) -> int:
     from .daemon import Daemon, report
     fd = args.ready_fd
+    if runtime.lock_mountpoint(mnt) is None:
+        msg = f"another khofs daemon is mounting or serving {mnt} (khofs umount {mnt} first)"
+        report(fd, error=msg)
+        _err(msg)
+        return EXIT_FAIL
+    if runtime.find_mount(mnt):
+        msg = f"{mnt} is already a mount point (khofs umount {mnt} first)"
+        report(fd, error=msg)
+        _err(msg)
+        return EXIT_FAIL
     try:
         host = _boot_host(args)
     except (ValueError, OSError) as e:

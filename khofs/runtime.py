@@ -1,8 +1,10 @@
 """Where a mount's daemon keeps its pid and log, found from the mount point alone."""
 
+import fcntl
 import hashlib
 import json
 import os
+import time
 
 
 def runtime_dir() -> str:
@@ -22,7 +24,28 @@ def mount_key(mountpoint: str) -> str:
 
 def paths(mountpoint: str) -> dict:
     base = os.path.join(runtime_dir(), mount_key(mountpoint))
-    return {"info": base + ".json", "log": base + ".log", "sock": base + ".sock"}
+    return {"info": base + ".json", "log": base + ".log", "sock": base + ".sock",
+            "lock": base + ".lock"}
+
+
+def lock_mountpoint(mountpoint: str, timeout: float = 10.0):
+    """An fd holding the mount point's lock, or None if another daemon keeps it past timeout
+    or mounts it meanwhile.
+
+    The daemon holds it for its whole life, so two `khofs mount` racing on one mount point
+    cannot both mount; the kernel drops it when the daemon dies, however it dies.
+    """
+    fd = os.open(paths(mountpoint)["lock"], os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline or find_mount(mountpoint):
+                os.close(fd)
+                return None
+            time.sleep(0.02)
 
 
 def write_info(mountpoint: str, **info) -> None:
