@@ -35,7 +35,7 @@ def _daemon_pids_for(mnt):
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"khofs" in argv and b"--foreground" in argv and os.fsencode(mnt) in argv:
+        if b"khofs" in argv and b"mount" in argv and os.fsencode(mnt) in argv:
             pids.append(int(d))
     return pids
 

@@ -5,6 +5,7 @@ khofs's own code, so that a test compares khofs against an independent reading o
 """
 
 import errno
+import faulthandler
 import json
 import os
 import selectors
@@ -100,6 +101,9 @@ def report_family(name: str, tried: int, failures: list) -> None:
 
 def check_family(name: str, tried: int, failures: list, minimum: int = 500) -> None:
     report_family(name, tried, failures)
+    if os.environ.get("KHOFS_REL_DUMP"):
+        with open(os.environ["KHOFS_REL_DUMP"], "a") as f:
+            f.write(f"== {name}\n" + "".join(f"{x}\n" for x in failures))
     assert tried >= minimum, f"{name}: only {tried} distinct inputs (need {minimum})"
     if failures:
         shown = "\n".join(f"  - {f}" for f in failures[:25])
@@ -166,6 +170,7 @@ def run_isolated(items, fn, timeout=2.5, parallel=2):
             if pid == 0:
                 try:
                     os.close(r)
+                    faulthandler.disable()
                     try:
                         res = {"status": "ok", "result": fn(items[nxt])}
                     except BaseException as e:
