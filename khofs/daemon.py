@@ -9,7 +9,7 @@ import sys
 import pyfuse3
 import trio
 
-from . import control, runtime
+from . import control, fuseloop, runtime
 from .fuse import KhoOperations
 from .host import Host
 
@@ -75,6 +75,9 @@ class Daemon:
     def mount(self) -> None:
         pyfuse3.init(self.ops, self.mountpoint, sorted(self.options))
         self._mounted = True
+        fd = _dev_fuse_fd()
+        if fd is not None:
+            fuseloop.install(fd)
 
     async def _signals(self):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -90,7 +93,7 @@ class Daemon:
             if on_ready:
                 on_ready()
             sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
             sd_notify("STOPPING=1")
             nursery.cancel_scope.cancel()
 
@@ -107,6 +110,17 @@ class Daemon:
                 except FileNotFoundError:
                     pass
             runtime.remove_info(self.mountpoint)
+
+
+def _dev_fuse_fd():
+    """The fd pyfuse3.init opened on /dev/fuse (pyfuse3 does not expose it)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue
+    return None
 
 
 def report(fd: int | None, **msg) -> None:
