@@ -178,6 +178,7 @@ class Tree:
         self.in_children: list[Node] = []
         self.blob_nodes: dict[tuple, BlobFile] = {}
         self._blob_gen = -1
+        self._removed: list[int] = []
         kho_out = machine.kho_out
         if kho_out is None:
             return
@@ -239,6 +240,7 @@ class Tree:
         for key, node in self.blob_nodes.items():
             if key not in live:
                 node.gone = True
+                self._removed.append(node.ino)
         self.blob_nodes = live
 
     def _blob_children(self, dirname):
@@ -248,6 +250,11 @@ class Tree:
     def _out_children(self):
         return [self.out_sub, self.scratch_phys, self.scratch_len, self.finalize] + \
             self._blob_children("out")
+
+    def take_removed(self) -> list:
+        """Inodes of files removed since the last call."""
+        out, self._removed = self._removed, []
+        return out
 
     # -- lookups -----------------------------------------------------------------
     def sync(self) -> None:

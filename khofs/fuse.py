@@ -12,9 +12,12 @@ from .debugfs import Dir, File, Node, Tree
 from .kernel.errors import KernelError
 
 # Entries and attributes of nodes that live as long as the boot may be cached by the kernel;
-# a kexec invalidates them. Nodes that come and go (out/fdt, out/sub_fdts/*) are never cached,
-# so they vanish the moment an abort completes.
+# a kexec invalidates them. Entries of nodes that come and go (out/fdt, out/sub_fdts/*) are
+# never cached, so they vanish the moment an abort completes. Their attributes live one
+# jiffy: a timeout of 0 would make every permission check (default_permissions) a GETATTR
+# round trip; an abort invalidates them before its write returns.
 STATIC_TTL = 60.0
+DYNAMIC_ATTR_TTL = 1e-6
 
 
 def _fuse_errors(fn):
@@ -60,7 +63,10 @@ class KhoOperations(pyfuse3.Operations):
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime, node.mtime, node.ctime
         a.st_blksize = 4096
         a.st_blocks = 0
-        a.entry_timeout = a.attr_timeout = STATIC_TTL if node.static else 0
+        if node.static:
+            a.entry_timeout = a.attr_timeout = STATIC_TTL
+        else:
+            a.entry_timeout, a.attr_timeout = 0, DYNAMIC_ATTR_TTL
         if isinstance(node, Dir):
             a.st_nlink = node.nlink()
             a.st_size = 0
@@ -156,7 +162,19 @@ class KhoOperations(pyfuse3.Operations):
 
     @_fuse_errors
     def write(self, fh, off, buf):
-        return self.handles[fh].write(off, buf)
+        try:
+            return self.handles[fh].write(off, buf)
+        finally:
+            self._forget_removed()
+
+    def _forget_removed(self):
+        """Files a write removed (an abort) show nlink 0 at once, even to fstat."""
+        self.tree.sync()
+        for ino in self.tree.take_removed():
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError:
+                pass            # the kernel never looked it up
 
     # No flush(): pyfuse3's ENOSYS makes the kernel stop sending FLUSH, one request less
     # per close. debugfs files have no flush either.
