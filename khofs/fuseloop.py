@@ -2,8 +2,9 @@
 
 pyfuse3's worker parks in trio's epoll before every request, so each request pays a full
 scheduler round trip. An open + read + close is four requests that follow each other within
-microseconds; polling the fd briefly before parking catches most of them. The daemon runs a
-single worker (max_tasks=1), so nobody else reads /dev/fuse between the poll and the read.
+microseconds; polling the fd for up to 100 us before parking catches most of them. The
+daemon runs a single worker (max_tasks=1), so nobody else reads /dev/fuse between the poll
+and the read.
 """
 
 import select
@@ -12,8 +13,8 @@ import time
 import pyfuse3
 import trio
 
-SPIN_SECONDS = 50e-6      # how long to poll before parking in trio
-YIELD_EVERY = 32          # let other trio tasks (the control socket) run at least this often
+SPIN_SECONDS = 100e-6     # how long to poll before parking in trio
+YIELD_EVERY = 128         # let other trio tasks (the control socket) run at least this often
 
 _state = {"fast": 0}
 
