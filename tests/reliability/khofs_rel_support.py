@@ -471,3 +471,17 @@ def fdt_problem(blob: bytes, compat: str | None = None):
     except libfdt.FdtException as e:
         return f"libfdt: {e}"
     return None
+
+
+def small_dtb(compat: str, u32: dict | None = None) -> bytes:
+    """A one-node FDT blob with the given compatible (and u32 properties), trimmed to size."""
+    import libfdt
+    sw = libfdt.FdtSw()
+    sw.finish_reservemap()
+    sw.begin_node("")
+    sw.property_string("compatible", compat)
+    for name, val in (u32 or {}).items():
+        sw.property_u32(name, val)
+    sw.end_node()
+    b = bytes(sw.as_fdt().as_bytearray())
+    return b[:int.from_bytes(b[4:8], "big")]

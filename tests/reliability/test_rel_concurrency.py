@@ -217,14 +217,7 @@ def _reap(procs):
 def test_toggle_and_read_under_preservation(mounter):
     mnt = mounter.mount("--cmdline", CMDLINE, "--memory", "1G")
     with Client(mnt) as c:
-        import libfdt
-        sw = libfdt.FdtSw()
-        sw.finish_reservemap()
-        sw.begin_node("")
-        sw.property_string("compatible", "rel-conc-v1")
-        sw.end_node()
-        b = bytes(sw.as_fdt().as_bytearray())
-        c.subtree_add("relconc", b[:int.from_bytes(b[4:8], "big")])
+        c.subtree_add("relconc", sup.small_dtb("rel-conc-v1"))
     shared = {k: CTX.RawValue("q", 0) for k in ("ops", "started", "done")}
     lock = CTX.Lock()
     results = CTX.Queue()

@@ -31,18 +31,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def small_dtb():
-    import libfdt
-    sw = libfdt.FdtSw()
-    sw.finish_reservemap()
-    sw.begin_node("")
-    sw.property_string("compatible", "rel-ctl-v1")
-    sw.end_node()
-    b = bytes(sw.as_fdt().as_bytearray())
-    return b[:int.from_bytes(b[4:8], "big")]
-
-
-DTB = small_dtb()
+DTB = sup.small_dtb("rel-ctl-v1")
 
 # The protocol as documented: command -> (required fields, optional fields), field -> kind.
 SPEC = {

@@ -30,17 +30,6 @@ GiB = 1 << 30
 
 
 # -- the machines whose handover gets corrupted -------------------------------------------
-def small_fdt(compat):
-    sw = libfdt.FdtSw()
-    sw.finish_reservemap()
-    sw.begin_node("")
-    sw.property_string("compatible", compat)
-    sw.property_u32("n", 7)
-    sw.end_node()
-    b = bytes(sw.as_fdt().as_bytearray())
-    return b[:struct.unpack_from(">I", b, 4)[0]]
-
-
 def build_base(kind):
     if kind == "6.18":
         m = Machine("kho=on reserve_mem=1M:4096:oops", MachineConfig(memory=GiB))
@@ -55,7 +44,7 @@ def build_base(kind):
         kho.preserve_pages(p + 3 * sup.PAGE, 5 * sup.PAGE)
         f = m.pages.alloc_pages(4)
         kho.preserve_folio(f, 4)
-        kho.register_notifier(UserSubtree(kho, "relsub", small_fdt("rel-v1")))
+        kho.register_notifier(UserSubtree(kho, "relsub", sup.small_dtb("rel-v1", {"n": 7})))
     else:
         for k in range(300):
             kho.preserve_pages(k * (128 << 20) + sup.PAGE, sup.PAGE)
