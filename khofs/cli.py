@@ -50,13 +50,22 @@ def _boot_host(args):
 
 
 def _mount_foreground(args, mnt) -> int:
-    from .daemon import Daemon, report
-    fd = args.ready_fd
-    if runtime.lock_mountpoint(mnt) is None:
+    from .daemon import report
+    lock = runtime.lock_mountpoint(mnt)
+    if lock is None:
         msg = f"another khofs daemon is mounting or serving {mnt} (khofs umount {mnt} first)"
-        report(fd, error=msg)
+        report(args.ready_fd, error=msg)
         _err(msg)
         return EXIT_FAIL
+    try:
+        return _serve_locked(args, mnt)
+    finally:
+        runtime.unlock_mountpoint(mnt, lock)
+
+
+def _serve_locked(args, mnt) -> int:
+    from .daemon import Daemon, report
+    fd = args.ready_fd
     if runtime.find_mount(mnt):
         msg = f"{mnt} is already a mount point (khofs umount {mnt} first)"
         report(fd, error=msg)

@@ -33,19 +33,38 @@ def lock_mountpoint(mountpoint: str, timeout: float = 10.0):
     or mounts it meanwhile.
 
     The daemon holds it for its whole life, so two `khofs mount` racing on one mount point
-    cannot both mount; the kernel drops it when the daemon dies, however it dies.
+    cannot both mount; the kernel drops it when the daemon dies, however it dies. A daemon
+    that exits cleanly unlinks the file while still holding it (unlock_mountpoint), so a
+    lock taken on an unlinked file is retried on the new one.
     """
-    fd = os.open(paths(mountpoint)["lock"], os.O_RDWR | os.O_CREAT, 0o600)
+    path = paths(mountpoint)["lock"]
     deadline = time.monotonic() + timeout
     while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
         except BlockingIOError:
+            os.close(fd)
             if time.monotonic() >= deadline or find_mount(mountpoint):
-                os.close(fd)
                 return None
             time.sleep(0.02)
+            continue
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def unlock_mountpoint(mountpoint: str, fd: int) -> None:
+    """Remove the lock file, then release it: the last thing a daemon does."""
+    try:
+        os.unlink(paths(mountpoint)["lock"])
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def write_info(mountpoint: str, **info) -> None:

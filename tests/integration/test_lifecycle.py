@@ -6,6 +6,8 @@ import signal
 
 import pytest
 
+from khofs import runtime
+
 from khoit import daemon_pid, is_mounted, khofs, pid_alive, sh, wait_until
 
 
@@ -55,6 +57,9 @@ def test_umount_removes_mount_and_daemon(mount_khofs):
     assert not is_mounted(m.path)
     assert not pid_alive(pid)
     assert os.listdir(m.path) == []
+    # Nothing of this mount is left in the runtime dir (info, socket, lock, log).
+    left = [p for p in runtime.paths(os.path.realpath(m.path)).values() if os.path.exists(p)]
+    assert left == []
 
 
 def test_umount_not_mounted_fails(tmp_path):
