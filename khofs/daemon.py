@@ -10,7 +10,7 @@ import pyfuse3
 import trio
 
 from . import control, fuseloop, runtime
-from .fuse import KhoOperations
+from .fuse import KhoOperations, forget_removed, invalidate
 from .host import Host
 
 
@@ -53,24 +53,18 @@ class Daemon:
         self._mounted = False
 
     async def _drop_stale_entries(self) -> None:
-        """After a kexec, make the kernel forget the old boot's cached entries and attributes
-        before the kexec request is answered. Done in a thread: the kernel may wait for a
-        request in flight that this loop has to answer."""
+        """After a control request, make the kernel forget entries it removed (an old boot's
+        after a kexec) before the request is answered."""
         stale, self.host.stale_entries = self.host.stale_entries, []
-        if not stale:
-            return
-
-        def work():
-            for parent, name in stale:
+        if stale:
+            def work():
+                invalidate([(parent, name, None) for parent, name in stale])
                 try:
-                    pyfuse3.invalidate_entry(parent, os.fsencode(name))
+                    pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
                 except OSError:
-                    pass            # not cached
-            try:
-                pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
-            except OSError:
-                pass
-        await trio.to_thread.run_sync(work)
+                    pass
+            await trio.to_thread.run_sync(work)
+        await forget_removed(self.host.tree)
 
     def mount(self) -> None:
         pyfuse3.init(self.ops, self.mountpoint, sorted(self.options))
@@ -93,7 +87,8 @@ class Daemon:
             if on_ready:
                 on_ready()
             sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-            await pyfuse3.main(min_tasks=1, max_tasks=1)
+            # Two workers: one answers the kernel while the other waits for an invalidation.
+            await pyfuse3.main(min_tasks=1, max_tasks=2)
             sd_notify("STOPPING=1")
             nursery.cancel_scope.cancel()
 

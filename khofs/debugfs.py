@@ -27,8 +27,6 @@ class Node:
         self.atime = self.mtime = self.ctime = time.time_ns()
         self.seq = self.ino          # creation order: readdir lists newest first
         self.gone = False
-        # Static nodes live as long as the boot; only out/fdt and out/sub_fdts/* come and go.
-        self.static = True
 
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
@@ -178,7 +176,8 @@ class Tree:
         self.in_children: list[Node] = []
         self.blob_nodes: dict[tuple, BlobFile] = {}
         self._blob_gen = -1
-        self._removed: list[int] = []
+        self._removed: list[tuple] = []
+        self._index: dict[int, tuple] = {}
         kho_out = machine.kho_out
         if kho_out is None:
             return
@@ -235,12 +234,11 @@ class Tree:
             if node is None:
                 parent = self.out if dirname == "out" else self.out_sub
                 node = self._add(BlobFile(self, blob.name, parent, blob, self.machine.mem))
-                node.static = False
             live[key] = node
         for key, node in self.blob_nodes.items():
             if key not in live:
                 node.gone = True
-                self._removed.append(node.ino)
+                self._removed.append((node.parent.ino, node.name, node.ino))
         self.blob_nodes = live
 
     def _blob_children(self, dirname):
@@ -252,7 +250,7 @@ class Tree:
             self._blob_children("out")
 
     def take_removed(self) -> list:
-        """Inodes of files removed since the last call."""
+        """(parent inode, name, inode) of files removed since the last call."""
         out, self._removed = self._removed, []
         return out
 
@@ -273,10 +271,18 @@ class Tree:
     def lookup(self, parent: Node, name: str) -> Node:
         if not parent.is_dir():
             raise KernelError(errno.ENOTDIR)
-        for child in parent.children():
-            if child.name == name:
-                return child
-        raise KernelError(errno.ENOENT)
+        # Children change only with kho_out's blob list: index each directory per generation.
+        self.sync()
+        index = self._index.get(parent.ino)
+        if index is None or index[0] != self._blob_gen:
+            names: dict[str, Node] = {}
+            for child in parent.children():
+                names.setdefault(child.name, child)
+            index = self._index[parent.ino] = (self._blob_gen, names)
+        child = index[1].get(name)
+        if child is None:
+            raise KernelError(errno.ENOENT)
+        return child
 
     def listdir(self, d: Dir) -> list[Node]:
         """Children newest first, as dcache_readdir shows debugfs entries."""

@@ -7,17 +7,42 @@ import time
 import traceback
 
 import pyfuse3
+import trio
 
+from . import fuseloop
 from .debugfs import Dir, File, Node, Tree
 from .kernel.errors import KernelError
 
-# Entries and attributes of nodes that live as long as the boot may be cached by the kernel;
-# a kexec invalidates them. Entries of nodes that come and go (out/fdt, out/sub_fdts/*) are
-# never cached, so they vanish the moment an abort completes. Their attributes live one
-# jiffy: a timeout of 0 would make every permission check (default_permissions) a GETATTR
-# round trip; an abort invalidates them before its write returns.
-STATIC_TTL = 60.0
-DYNAMIC_ATTR_TTL = 1e-6
+# The kernel may cache every entry and its attributes: nothing changes them behind its back.
+# When a file goes (an abort, a kexec) its entry and attributes are invalidated before the
+# request that removed it is answered, so it vanishes the moment the abort completes.
+TTL = 60.0
+
+
+def invalidate(entries) -> None:
+    """Make the kernel forget (parent inode, name, inode or None) entries, and the removed
+    inodes' attributes (an open file then shows nlink 0). Blocking: call it from a thread,
+    as the kernel may first need an answer to a request in flight (a lookup holding the
+    directory's lock)."""
+    for parent, name, ino in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, os.fsencode(name))
+        except OSError:
+            pass            # not cached
+        if ino is not None:
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError:
+                pass
+
+
+async def forget_removed(tree, in_handler: bool = False) -> None:
+    tree.sync()
+    removed = tree.take_removed()
+    if removed:
+        if in_handler:
+            fuseloop.lend_reader()      # another worker answers the kernel meanwhile
+        await trio.to_thread.run_sync(invalidate, removed)
 
 
 def _fuse_errors(fn):
@@ -63,10 +88,7 @@ class KhoOperations(pyfuse3.Operations):
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.atime, node.mtime, node.ctime
         a.st_blksize = 4096
         a.st_blocks = 0
-        if node.static:
-            a.entry_timeout = a.attr_timeout = STATIC_TTL
-        else:
-            a.entry_timeout, a.attr_timeout = 0, DYNAMIC_ATTR_TTL
+        a.entry_timeout = a.attr_timeout = TTL
         if isinstance(node, Dir):
             a.st_nlink = node.nlink()
             a.st_size = 0
@@ -78,7 +100,7 @@ class KhoOperations(pyfuse3.Operations):
     @_fuse_errors
     def lookup(self, parent_inode, name, ctx=None):
         parent = self.tree.get(parent_inode)
-        name = os.fsdecode(name)
+        name = name.decode("utf-8", "surrogateescape")
         if name == ".":
             node = parent
         elif name == "..":
@@ -161,20 +183,15 @@ class KhoOperations(pyfuse3.Operations):
         return self.handles[fh].read(off, size)
 
     @_fuse_errors
-    def write(self, fh, off, buf):
-        try:
-            return self.handles[fh].write(off, buf)
-        finally:
-            self._forget_removed()
+    def _write(self, fh, off, buf):
+        return self.handles[fh].write(off, buf)
 
-    def _forget_removed(self):
-        """Files a write removed (an abort) show nlink 0 at once, even to fstat."""
-        self.tree.sync()
-        for ino in self.tree.take_removed():
-            try:
-                pyfuse3.invalidate_inode(ino, attr_only=True)
-            except OSError:
-                pass            # the kernel never looked it up
+    async def write(self, fh, off, buf):
+        try:
+            return await self._write(fh, off, buf)
+        finally:
+            # An abort removed out/fdt and sub_fdts: answer only once the kernel forgot them.
+            await forget_removed(self.tree, in_handler=True)
 
     # No flush(): pyfuse3's ENOSYS makes the kernel stop sending FLUSH, one request less
     # per close. debugfs files have no flush either.

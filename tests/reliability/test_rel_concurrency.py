@@ -23,6 +23,7 @@ WORKERS = 8
 OPS_TARGET = 200_000 if SOAK else 10_000
 RACE_ROUNDS = 2_000 if SOAK else 150
 WATCHDOG = 1800 if SOAK else 120
+MIN_STRICT = 50           # snapshots taken with no write in flight
 CMDLINE = "kho=on reserve_mem=1M:4096:relconc"
 CTX = mp.get_context("fork")
 
@@ -80,7 +81,9 @@ def toggler(idx, mnt, shared, lock, results, deadline):
             shared["ops"].value += n
 
     try:
-        while time.monotonic() < deadline and shared["ops"].value < OPS_TARGET:
+        # Run for the operation count, and until enough quiet snapshots were checked.
+        while time.monotonic() < deadline and (shared["ops"].value < OPS_TARGET or
+                                               shared["strict"].value < MIN_STRICT):
             action = rng.choices(["toggle", "snapshot", "blob", "scratch", "subs", "finalize"],
                                  [12, 28, 25, 10, 15, 10])[0]
             if action == "toggle":
@@ -123,6 +126,8 @@ def toggler(idx, mnt, shared, lock, results, deadline):
                 # Only a window in which no write was in flight is a consistent snapshot.
                 if f1 == f2 and s1 == d1 == s2:
                     stats["strict_checks"] += 1
+                    with lock:
+                        shared["strict"].value += 1
                     if exists != (f1 == b"1\n"):
                         bad(f"finalize reads {f1!r} but out/fdt exists={exists}")
             elif action == "blob":
@@ -218,7 +223,7 @@ def test_toggle_and_read_under_preservation(mounter):
     mnt = mounter.mount("--cmdline", CMDLINE, "--memory", "1G")
     with Client(mnt) as c:
         c.subtree_add("relconc", sup.small_dtb("rel-conc-v1"))
-    shared = {k: CTX.RawValue("q", 0) for k in ("ops", "started", "done")}
+    shared = {k: CTX.RawValue("q", 0) for k in ("ops", "started", "done", "strict")}
     lock = CTX.Lock()
     results = CTX.Queue()
     stop = CTX.Event()
@@ -250,7 +255,7 @@ def test_toggle_and_read_under_preservation(mounter):
     assert not problems, "\n".join(problems[:40])
     assert tot["toggler.ops"] >= OPS_TARGET, tot
     # The invariants were really exercised: both states, both outcomes of a preserve.
-    assert tot["toggler.strict_checks"] >= 50, tot
+    assert tot["toggler.strict_checks"] >= MIN_STRICT, tot
     assert tot["toggler.writes_ok"] > 0 and tot["toggler.eexist"] > 0 and tot["toggler.enoent"] > 0
     assert tot["toggler.blob_reads"] > 0 and tot["toggler.sub_reads"] > 0, tot
     assert tot["preserver.ok"] > 0 and tot["preserver.ebusy"] > 0, tot
