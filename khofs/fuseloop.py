@@ -11,6 +11,7 @@ reading an empty fd. The reader keeps the role until its handler has to wait for
 the fd reports the unmount, or pyfuse3.terminate() closes it, every worker ends.
 """
 
+import inspect
 import select
 import time
 
@@ -68,11 +69,15 @@ def _make_wait(fd: int):
     return wait_fuse_readable
 
 
-def install(fd: int) -> None:
-    """Use the quicker wait for the session whose /dev/fuse fd is `fd`."""
+def install(fd: int) -> bool:
+    """Use the quicker wait for the session whose /dev/fuse fd is `fd`. pyfuse3 3.x looks
+    the wait up by this module-level name on each request; elsewhere nothing changes."""
+    if not inspect.iscoroutinefunction(getattr(pyfuse3, "_wait_fuse_readable", None)):
+        return False
     wait = _make_wait(fd)
     pyfuse3._wait_fuse_readable = wait
     _state["lend"] = wait.lend
+    return True
 
 
 def uninstall() -> None:
