@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from khoit import ISSUE_ARGS, ISSUE_CMDLINE, Mounter, read, write_bytes
+from khoit import ISSUE_ARGS, ISSUE_CMDLINE, Mounter, PathMounts, read, write_bytes
 
 HERE = Path(__file__).resolve().parent
 
@@ -20,6 +20,16 @@ def pytest_collection_modifyitems(config, items):
 def mount_khofs(tmp_path):
     """mount_khofs(*extra_args, cmdline="kho=on", name=None, check=True) -> Mount."""
     m = Mounter(tmp_path)
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture
+def path_mounts(tmp_path):
+    """path_mounts(*args, name="mnt") -> realpath of a fresh khofs mount; always unmounted."""
+    m = PathMounts(tmp_path)
     try:
         yield m
     finally:

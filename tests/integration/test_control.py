@@ -23,15 +23,6 @@ MEM = 1 << 30
 DTS = '/dts-v1/;\n/ { compatible = "ctl-test-v1"; };\n'
 
 
-@pytest.fixture
-def mount_khofs(tmp_path):
-    m = PathMounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
-
-
 @pytest.fixture(scope="module")
 def ctl_mnt(tmp_path_factory):
     """One mount shared by the rejected-request cases, each of which must change nothing."""
@@ -180,9 +171,9 @@ def test_rejected_request_changes_nothing(ctl_mnt, req, err, words):
     assert after[0]["finalized"] is False
 
 
-def test_injected_failure_request_is_accepted_and_one_shot(mount_khofs):
+def test_injected_failure_request_is_accepted_and_one_shot(path_mounts):
     # Counterpart of fail-unknown-errno: a valid fault injection is accepted (by name or number).
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G")
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G")
     with Client(mnt) as c:
         c.fail("finalize", "eio")
         c.fail("finalize", errno.ENOSPC)
@@ -203,8 +194,8 @@ def test_injected_failure_request_is_accepted_and_one_shot(mount_khofs):
         assert c.status()["finalized"] is True
 
 
-def test_preserve_while_finalized_is_ebusy(mount_khofs):
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G")
+def test_preserve_while_finalized_is_ebusy(path_mounts):
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G")
     with Client(mnt) as c:
         a = c.mem_alloc(PAGE)
         b = c.mem_alloc(4 * PAGE)

@@ -14,7 +14,7 @@ import pytest
 
 from khofs import runtime
 from khofs.client import Client
-from khoit import KHOFS, PathMounts, is_mounted, pid_alive
+from khoit import KHOFS, is_mounted, pid_alive, wait_until
 from khoit import khofs_bytes as khofs
 
 pytestmark = pytest.mark.fuse
@@ -33,27 +33,6 @@ MY_DTS = """/dts-v1/;
 # -- helpers ------------------------------------------------------------------------
 def sh(cmd, timeout=30):
     return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def mount_khofs(tmp_path):
-    """mount_khofs(*args, name="mnt") -> realpath of a fresh khofs mount; always unmounted."""
-    m = PathMounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.cleanup()
 
 
 def rd(path):
@@ -110,8 +89,8 @@ def assert_fresh_out(mnt):
 
 
 # -- round trip --------------------------------------------------------------------------
-def test_round_trip(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on reserve_mem=4M:4096:oops kho_scratch=16M,64M,16M",
+def test_round_trip(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on reserve_mem=4M:4096:oops kho_scratch=16M,64M,16M",
                       "--memory", "2G")
     dts = tmp_path / "my.dts"
     dts.write_text(MY_DTS)
@@ -176,12 +155,13 @@ def test_round_trip(mount_khofs, tmp_path):
     assert (st["kexec_count"], st["release"], st["kho_in"]) == (1, "6.17.0-next", True)
     assert "Revived memory reservation 'oops' from KHO" in log_lines(mnt)
     daemon_log = runtime.paths(mnt)["log"]
-    wait_for(lambda: "Revived memory reservation 'oops' from KHO" in
-             open(daemon_log, errors="replace").read(), what="revival line in the daemon log")
+    wait_until(lambda: "Revived memory reservation 'oops' from KHO" in
+               open(daemon_log, errors="replace").read(), timeout=10,
+               what="revival line in the daemon log")
 
 
-def test_chain_of_three_kexecs(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "2G")
+def test_chain_of_three_kexecs(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "2G")
     phys, payload = alloc_payload(mnt, tmp_path, 3 * PAGE)
     scratch = (rd(f"{mnt}/kho/out/scratch_phys"), rd(f"{mnt}/kho/out/scratch_len"))
     prev = status(mnt)["release"]
@@ -201,9 +181,9 @@ def test_chain_of_three_kexecs(mount_khofs, tmp_path):
         prev = release
 
 
-def test_chain_preservation_does_not_carry_over(mount_khofs, tmp_path):
+def test_chain_preservation_does_not_carry_over(path_mounts, tmp_path):
     # Counterpart of the chain: survived once, not preserved again -> gone after the next kexec.
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G")
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G")
     phys, payload = alloc_payload(mnt, tmp_path)
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     finalize(mnt)
@@ -216,8 +196,8 @@ def test_chain_preservation_does_not_carry_over(mount_khofs, tmp_path):
 
 
 # -- 6.18 load ordering -------------------------------------------------------------------
-def test_load_before_finalize_carries_no_handover(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G")
+def test_load_before_finalize_carries_no_handover(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G")
     phys, payload = alloc_payload(mnt, tmp_path)
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     r = khofs("kexec", "load", mnt, "--release", "6.18.1-next")
@@ -235,8 +215,8 @@ def test_load_before_finalize_carries_no_handover(mount_khofs, tmp_path):
     assert_fresh_out(mnt)
 
 
-def test_load_after_finalize_carries_handover(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G")
+def test_load_after_finalize_carries_handover(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G")
     phys, payload = alloc_payload(mnt, tmp_path)
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     finalize(mnt)
@@ -251,8 +231,8 @@ def test_load_after_finalize_carries_handover(mount_khofs, tmp_path):
     assert mem_read(mnt, phys, 8192) == payload
 
 
-def test_kexec_without_finalize_618(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G")
+def test_kexec_without_finalize_618(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G")
     phys, payload = alloc_payload(mnt, tmp_path)
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     khofs("kexec", mnt)
@@ -264,8 +244,8 @@ def test_kexec_without_finalize_618(mount_khofs, tmp_path):
     assert "found kexec handover data" not in log_lines(mnt)
 
 
-def test_616_kexec_without_finalize_is_rejected(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G", "--abi", "6.16")
+def test_616_kexec_without_finalize_is_rejected(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G", "--abi", "6.16")
     phys, _ = alloc_payload(mnt, tmp_path)
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     khofs("kexec", mnt)
@@ -279,8 +259,8 @@ def test_616_kexec_without_finalize_is_rejected(mount_khofs, tmp_path):
 
 
 # -- sub-FDT misuse -------------------------------------------------------------------------
-def test_unpreserved_subtree_arrives_zeroed(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G")
+def test_unpreserved_subtree_arrives_zeroed(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G")
     dts = tmp_path / "my.dts"
     dts.write_text(MY_DTS)
     khofs("ctl", mnt, "subtree", "add", "bad", dts, "--no-preserve")
@@ -298,8 +278,8 @@ def test_unpreserved_subtree_arrives_zeroed(mount_khofs, tmp_path):
 
 
 # -- the KHO test module ------------------------------------------------------------------------
-def test_test_kho_restore_succeeds(mount_khofs):
-    mnt = mount_khofs("--cmdline", "kho=on khofs.test_kho=1", "--memory", "1G")
+def test_test_kho_restore_succeeds(path_mounts):
+    mnt = path_mounts("--cmdline", "kho=on khofs.test_kho=1", "--memory", "1G")
     assert os.listdir(f"{mnt}/kho/out/sub_fdts") == []
     finalize(mnt)
     assert "kho_test" in os.listdir(f"{mnt}/kho/out/sub_fdts")
@@ -318,9 +298,9 @@ def test_test_kho_restore_succeeds(mount_khofs):
     assert os.listdir(f"{mnt}/kho/out/sub_fdts") == ["kho_test"]
 
 
-def test_test_kho_abort_quirk(mount_khofs):
+def test_test_kho_abort_quirk(path_mounts):
     # Spec §10: abort drops the folios test_kho preserved at boot; the next kernel can't restore.
-    mnt = mount_khofs("--cmdline", "kho=on khofs.test_kho=1", "--memory", "1G")
+    mnt = path_mounts("--cmdline", "kho=on khofs.test_kho=1", "--memory", "1G")
     finalize(mnt)
     finalize(mnt, "0")
     finalize(mnt)
@@ -331,8 +311,8 @@ def test_test_kho_abort_quirk(mount_khofs):
 
 
 @pytest.mark.parametrize("abi", ["6.18", "6.16"])
-def test_test_kho_detects_corrupted_folio(mount_khofs, tmp_path, abi):
-    mnt = mount_khofs("--cmdline", "kho=on khofs.test_kho=1", "--memory", "1G", "--abi", abi)
+def test_test_kho_detects_corrupted_folio(path_mounts, tmp_path, abi):
+    mnt = path_mounts("--cmdline", "kho=on khofs.test_kho=1", "--memory", "1G", "--abi", abi)
     finalize(mnt)
     fdt = libfdt.Fdt(rd(f"{mnt}/kho/out/sub_fdts/kho_test"))
     data = fdt.path_offset("/data")
@@ -357,8 +337,8 @@ def test_test_kho_detects_corrupted_folio(mount_khofs, tmp_path, abi):
 
 
 # -- fault injection ------------------------------------------------------------------------------
-def test_injected_finalize_failure(mount_khofs, tmp_path):
-    mnt = mount_khofs("--cmdline", "kho=on reserve_mem=1M:4096:oops", "--memory", "1G")
+def test_injected_finalize_failure(path_mounts, tmp_path):
+    mnt = path_mounts("--cmdline", "kho=on reserve_mem=1M:4096:oops", "--memory", "1G")
     dts = tmp_path / "my.dts"
     dts.write_text(MY_DTS)
     khofs("ctl", mnt, "subtree", "add", "myprod", dts)
@@ -376,10 +356,10 @@ def test_injected_finalize_failure(mount_khofs, tmp_path):
 
 
 # -- state dir ---------------------------------------------------------------------------------------
-def test_state_dir_remount_boots_from_handover(mount_khofs, tmp_path):
+def test_state_dir_remount_boots_from_handover(path_mounts, tmp_path):
     state = tmp_path / "state"
     cmdline = "kho=on reserve_mem=1M:4096:oops"
-    mnt = mount_khofs("--cmdline", cmdline, "--memory", "1G", "--state", state)
+    mnt = path_mounts("--cmdline", cmdline, "--memory", "1G", "--state", state)
     st = os.stat(state)
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
     phys, payload = alloc_payload(mnt, tmp_path)
@@ -391,7 +371,7 @@ def test_state_dir_remount_boots_from_handover(mount_khofs, tmp_path):
     khofs("umount", mnt)
     assert not is_mounted(mnt)
 
-    mount_khofs("--state", state)
+    path_mounts("--state", state)
     st = status(mnt)
     assert st["kexec_count"] == 1 and st["kho_in"] is True
     assert st["release"] == "6.18.0-second" and st["cmdline"] == cmdline
@@ -414,9 +394,9 @@ def _kexec_request_raw(mnt):
 # later"; the moment a handover.tmp* file shows up (mid-write); and fixed delays after the
 # request reached the daemon (before, during and after the state write).
 @pytest.mark.parametrize("how", ["cli+5ms", "cli+tmpfile", "sock+20ms", "sock+50ms"])
-def test_kill_daemon_during_kexec(mount_khofs, tmp_path, how):
+def test_kill_daemon_during_kexec(path_mounts, tmp_path, how):
     state = tmp_path / "state"
-    mnt = mount_khofs("--cmdline", "kho=on", "--memory", "1G", "--state", state)
+    mnt = path_mounts("--cmdline", "kho=on", "--memory", "1G", "--state", state)
     # A few MiB of preserved data make the handover write long enough to be hit.
     size = 8 << 20
     phys, payload = alloc_payload(mnt, tmp_path, size)
@@ -450,13 +430,13 @@ def test_kill_daemon_during_kexec(mount_khofs, tmp_path, how):
         proc.wait(timeout=30)
     if sock:
         sock.close()
-    wait_for(lambda: not pid_alive(pid), what="the killed daemon to go away")
+    wait_until(lambda: not pid_alive(pid), timeout=10, what="the killed daemon to go away")
 
     r = khofs("umount", mnt, check=False)
     assert r.returncode == 0, r.stderr.decode()
     assert not is_mounted(mnt)
 
-    mount_khofs("--state", state)
+    path_mounts("--state", state)
     leftovers = [n for n in os.listdir(state) if ".tmp" in n]
     assert leftovers == []
     st = status(mnt)
