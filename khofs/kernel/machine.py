@@ -5,11 +5,12 @@ from dataclasses import asdict, dataclass
 
 from .cmdline import parameq, split_cmdline
 from .errors import KernelError
-from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
+from .fdt import FDT_HEADER, check_header, getprop, node_check_compatible, subnodes, totalsize
 from .handover import Handover, KexecImage
 from .kho import KhoOut
 from .kho_in import kho_populate, preserved_runs, retrieve_subtree, sub_fdt_entries
 from .kstrtox import kstrtobool
+from .memtrack import KHOSER_BITMAP_SIZE, MapError, chunk_elements, iter_chunks
 from .physmem import PAGE_SHIFT, PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem, RangeSet
 from .producers.memblock import (MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE,
                                  RESERVE_MEM_KHO_NODE_COMPATIBLE, MemblockProducer, ReserveMem,
@@ -165,7 +166,7 @@ class Machine:
             if e.errno != errno.ENOENT:
                 self.warn(f"failed to retrieve FDT '{MEMBLOCK_KHO_FDT}' from KHO: {-e.errno}")
             return None
-        if phys + 40 > self.mem.size:
+        if phys + FDT_HEADER.size > self.mem.size:
             self.warn(f"khofs: FDT '{MEMBLOCK_KHO_FDT}' at 0x{phys:x} is outside memory; "
                       "a real kernel would fault reading it")
             return None
@@ -277,7 +278,8 @@ class Machine:
         keep = RangeSet([(image.fdt_phys, image.fdt_phys + PAGE_SIZE)])
         fdt = self.mem.read(image.fdt_phys, PAGE_SIZE)
         runs = []
-        if check_header(fdt) == 0:
+        valid = check_header(fdt) == 0
+        if valid:
             runs = preserved_runs(self.mem, image.fdt_phys, self.profile.preserve_bits)
             self._keep_map_pages(fdt, keep)
         else:
@@ -286,7 +288,7 @@ class Machine:
         preserved = RangeSet((p, p + s) for _, p, s in runs)
         for s, e in preserved:
             keep.add(s, e)
-        if check_header(fdt) == 0:
+        if valid:
             for name, off in subnodes(fdt, 0):
                 prop = getprop(fdt, off, "fdt")
                 if prop is None or len(prop) != 8:
@@ -320,19 +322,15 @@ class Machine:
         prop = getprop(fdt, 0, "preserved-memory-map")
         if prop is None or len(prop) != 8:
             return
-        phys = int.from_bytes(prop, "little")
-        seen = set()
-        while phys and phys + PAGE_SIZE <= self.mem.size and phys not in seen:
-            seen.add(phys)
-            keep.add(phys, phys + PAGE_SIZE)
-            page = self.mem.read(phys, PAGE_SIZE)
-            num = min(int.from_bytes(page[12:16], "little"), 255)
-            for i in range(num):
-                b = int.from_bytes(page[24 + 16 * i:32 + 16 * i], "little")
-                b -= b % PAGE_SIZE
-                if b + PAGE_SIZE <= self.mem.size:
-                    keep.add(b, b + PAGE_SIZE)
-            phys = int.from_bytes(page[0:8], "little")
+        try:
+            for phys, (_, _, num), page in iter_chunks(self.mem, int.from_bytes(prop, "little")):
+                keep.add(phys, phys + PAGE_SIZE)
+                for _, b in chunk_elements(page, min(num, KHOSER_BITMAP_SIZE)):
+                    b -= b % PAGE_SIZE
+                    if b + PAGE_SIZE <= self.mem.size:
+                        keep.add(b, b + PAGE_SIZE)
+        except MapError:
+            pass            # the next kernel cannot read on from here either
 
     def _place_segment(self, size: int) -> int:
         for addr, ssize in self.scratch:

@@ -206,10 +206,14 @@ def walk_memory_map(mem: PhysMem, first: int, bits: int, max_chunks: int = 1 << 
         yield pending
 
 
-def _walk_bitmaps(mem: PhysMem, first: int, bits: int, max_chunks: int):
+def iter_chunks(mem: PhysMem, first: int, max_chunks: int = 1 << 20):
+    """(phys, (next, order, num_elms), page) of each khoser_mem_chunk, in list order.
+
+    Raises MapError at a chunk that is not a page of memory, a loop, or a list too long:
+    where the kernel would fault or never end.
+    """
     phys = first
     seen = set()
-    bitmap_bytes = bits // 8
     while phys:
         if phys % PAGE_SIZE or phys + PAGE_SIZE > mem.size:
             raise MapError(f"chunk at {phys:#x} is not a page of memory")
@@ -219,17 +223,27 @@ def _walk_bitmaps(mem: PhysMem, first: int, bits: int, max_chunks: int):
         if len(seen) > max_chunks:
             raise MapError("chunk list does not end")
         page = mem.read(phys, PAGE_SIZE)
-        nxt, order, num = CHUNK_HDR.unpack_from(page)
+        hdr = CHUNK_HDR.unpack_from(page)
+        yield phys, hdr, page
+        phys = hdr[0]
+
+
+def chunk_elements(page: bytes, num: int):
+    """(phys_start, bitmap) of a chunk page's first num elements."""
+    return [CHUNK_ELM.unpack_from(page, CHUNK_HDR.size + i * CHUNK_ELM.size) for i in range(num)]
+
+
+def _walk_bitmaps(mem: PhysMem, first: int, bits: int, max_chunks: int):
+    bitmap_bytes = bits // 8
+    for phys, (_, order, num), page in iter_chunks(mem, first, max_chunks):
         if num > KHOSER_BITMAP_SIZE:
             raise MapError(f"chunk at {phys:#x} claims {num} bitmaps (at most {KHOSER_BITMAP_SIZE})")
         if order > 64 - PAGE_SHIFT:
             raise MapError(f"chunk at {phys:#x} has order {order}")
         bsize = 1 << (order + PAGE_SHIFT)
-        for i in range(num):
-            start, bphys = CHUNK_ELM.unpack_from(page, CHUNK_HDR.size + i * CHUNK_ELM.size)
+        for start, bphys in chunk_elements(page, num):
             if bphys + bitmap_bytes > mem.size:
                 raise MapError(f"bitmap at {bphys:#x} is outside memory")
             bm = mem.read(bphys, bitmap_bytes)
             for lo, hi in bitmap_runs(bm):
                 yield order, start + lo * bsize, (hi - lo) * bsize
-        phys = nxt

@@ -75,6 +75,8 @@ def test_split_whitespace_only():
 def test_split_on_kernel_isspace_only():
     # \x1c-\x1f are Python whitespace but control characters to the kernel's ctype.
     assert split_cmdline("a\x1cb\vc\x1fd\re") == [("a\x1cb", None), ("c\x1fd", None), ("e", None)]
+    # 0xa0 is space in the kernel's Latin-1 table.
+    assert split_cmdline("kho=on\xa0quiet") == [("kho", "on"), ("quiet", None)]
 
 
 def test_reserve_mem_name_of_control_characters_is_text():
