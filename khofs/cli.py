@@ -165,21 +165,6 @@ def _mount_background(args, mnt) -> int:
 
 
 # -- umount -------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited: only its parent has yet to reap it.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def cmd_umount(args) -> int:
     mnt = os.path.realpath(args.mountpoint)
     info = runtime.read_info(mnt)
@@ -193,7 +178,7 @@ def cmd_umount(args) -> int:
     if mounted:
         r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
         if r.returncode != 0:
-            if "not connected" in r.stderr or not (info and _pid_alive(info.get("pid", 0))):
+            if "not connected" in r.stderr or not (info and runtime.pid_alive(info.get("pid", 0))):
                 r = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
             if r.returncode != 0:
                 _err(f"cannot unmount {mnt}: {r.stderr.strip()}")
@@ -202,9 +187,9 @@ def cmd_umount(args) -> int:
     clean = True
     if pid:
         deadline = time.monotonic() + 10
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while runtime.pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if _pid_alive(pid):
+        if runtime.pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
             clean = False
     clean = clean and mounted is not None and info is not None

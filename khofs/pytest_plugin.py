@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -89,18 +88,11 @@ class KhofsMount:
                        stdin=subprocess.DEVNULL, capture_output=True)
         if runtime.find_mount(mnt):
             subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        # `khofs umount` already waited for the daemon; kill one it could not stop.
         pid = info.get("pid")
-        if pid:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.02)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        if runtime.pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -106,3 +106,21 @@ def find_mount(mountpoint: str):
             if _unescape(fields[4]) == target:
                 found = (fields[sep + 1], fields[sep + 2])
     return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a daemon process is still running (a zombie has exited: only its parent,
+    often init, has yet to reap it)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -18,6 +18,8 @@ import traceback
 
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 
+from khofs.runtime import pid_alive  # noqa: F401  (a process helper, not an oracle)
+
 PY = sys.executable
 KHOFS = [PY, "-m", "khofs"]
 PAGE = 4096
@@ -51,22 +53,6 @@ def mount_count(path) -> int:
 
 def is_mounted(path) -> bool:
     return mount_count(path) > 0
-
-
-def pid_alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for(pred, timeout=10.0, what="condition", interval=0.01):
