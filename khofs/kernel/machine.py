@@ -104,14 +104,24 @@ class Machine:
         self.pages = PageAllocator(self.mem, self.memblock, [(a, a + s) for a, s in self.scratch])
         self.kmalloc = Kmalloc(self.pages)
         self.kho_out = None
+        if self.kho_in is not None:
+            self.kho_in.blobs = sub_fdt_entries(self.mem, self.kho_in.fdt_phys, self.warn)
         if self.kho_enable:
-            self.kho_out = KhoOut(self.mem, self.pages, self.kmalloc, self.profile, self.log_line)
+            try:
+                self.kho_out = KhoOut(self.mem, self.pages, self.kmalloc, self.profile, self.log_line)
+            except KernelError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                # kho_init's alloc_page() for the root FDT failed (an incoming map that
+                # preserves all free memory): KHO is disabled, no kho/ in debugfs. The
+                # kernel says nothing; the line says why the tree is missing.
+                self.kho_enable = False
+                self.warn("khofs: kho_init: no free page for the root FDT (-ENOMEM), KHO disabled")
+        if self.kho_enable:
             if self.test_kho:
                 self._test_kho_init()
             if self.reserve_mem:
                 self.kho_out.register_notifier(MemblockProducer(self.kho_out, self.reserve_mem))
-            if self.kho_in is not None:
-                self.kho_in.blobs = sub_fdt_entries(self.mem, self.kho_in.fdt_phys, self.warn)
 
     # -- logging ------------------------------------------------------------
     def info(self, text: str) -> None:
