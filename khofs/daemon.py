@@ -10,7 +10,7 @@ import pyfuse3
 import trio
 
 from . import control, fuseloop, runtime
-from .fuse import KhoOperations, forget_removed, invalidate
+from .fuse import KhoFuse, forget_removed, invalidate
 from .host import Host
 
 
@@ -35,21 +35,30 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+class _InitOnly(pyfuse3.Operations):
+    """What pyfuse3 reads at INIT (the capabilities libfuse asks for); khofs.fuse answers
+    every request after it."""
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+
 class Daemon:
     def __init__(self, mountpoint: str, host: Host, stat_size: str = "content",
                  fuse_options=(), debug_fuse: bool = False):
         self.mountpoint = mountpoint          # absolute and resolved by the caller
         self.host = host
-        self.ops = KhoOperations(host.tree, stat_size)
-        host.on_new_tree.append(self.ops.set_tree)
+        self.fuse = KhoFuse(host.tree, stat_size, deny_others="allow_root" in fuse_options,
+                            owner=os.getuid())
+        host.on_new_tree.append(self.fuse.set_tree)
         self.control = control.Control(host)
         self.control.settle = self._drop_stale_entries
         self.sock_path = runtime.paths(mountpoint)["sock"]
         self.options = set(pyfuse3.default_options)     # default_permissions: the kernel checks modes
         self.options |= {"fsname=khofs", "subtype=khofs"}
         self.options |= set(fuse_options)
+        self.debug_fuse = debug_fuse
         if debug_fuse:
-            self.options.add("debug")
+            self.options.add("debug")     # libfuse logs INIT; khofs.fuseloop the rest
         self._mounted = False
 
     async def _drop_stale_entries(self) -> None:
@@ -67,17 +76,18 @@ class Daemon:
         await forget_removed(self.host.tree)
 
     def mount(self) -> None:
-        pyfuse3.init(self.ops, self.mountpoint, sorted(self.options))
+        pyfuse3.init(_InitOnly(), self.mountpoint, sorted(self.options))
         self._mounted = True
         fd = _dev_fuse_fd()
-        if fd is not None:
-            fuseloop.install(fd)
+        if fd is None:
+            raise RuntimeError("pyfuse3 mounted, but no /dev/fuse fd is open")
+        fuseloop.take_over(self.fuse, fd, self.debug_fuse)
 
     async def _signals(self):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
                 log(f"khofs: signal {sig}: unmounting")
-                pyfuse3.terminate()
+                fuseloop.terminate()
                 return
 
     async def _main(self, on_ready):
@@ -87,8 +97,7 @@ class Daemon:
             if on_ready:
                 on_ready()
             sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-            # Two workers: one answers the kernel while the other waits for an invalidation.
-            await pyfuse3.main(min_tasks=1, max_tasks=2)
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
             sd_notify("STOPPING=1")
             nursery.cancel_scope.cancel()
 
@@ -96,6 +105,7 @@ class Daemon:
         try:
             trio.run(self._main, on_ready)
         finally:
+            fuseloop.uninstall()
             if self._mounted:
                 pyfuse3.close(unmount=True)
                 self._mounted = False

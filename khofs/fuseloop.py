@@ -1,93 +1,169 @@
-"""A quicker wait for /dev/fuse in pyfuse3's request loop.
+"""The request loop: reads /dev/fuse and answers with khofs.fuse.KhoFuse, inside pyfuse3.main().
 
-pyfuse3's workers park in trio's epoll before every request, so each request pays a full
-scheduler round trip. An open + read + close is four requests that follow each other within
-microseconds; polling the fd for up to 100 us before parking catches most of them.
+pyfuse3 answers INIT (libfuse negotiates the connection as for any pyfuse3 filesystem) and
+then awaits its module-level _wait_fuse_readable() before each request. The wait installed
+here lets that first request through, then runs this loop until the unmount and returns
+False, which ends pyfuse3's own loop.
 
-One worker at a time is the reader: only it polls or parks on the fd, and whoever returns
-True reads the request at once (pyfuse3 does not yield in between), so no worker is left
-reading an empty fd. The reader keeps the role until its handler has to wait for something
-(lend_reader()); the other worker then takes over, so requests keep being answered. When
-the fd reports the unmount, or pyfuse3.terminate() closes it, every worker ends.
+The loop reads without parking in trio while requests keep coming: after an answer it polls
+the fd for up to 100 us, yielding the CPU between polls so a client on this CPU runs first,
+and parks only when nothing came (and at least every 128 requests, so the control socket
+runs). A write that removed files (an abort) is answered from a task once the kernel forgot
+them, while the loop goes on answering the kernel.
 """
 
+import errno
 import inspect
-import select
+import os
+import sys
 import time
 
 import pyfuse3
 import trio
 
+from . import fuse
+
 SPIN_SECONDS = 100e-6     # how long to poll before parking in trio
-YIELD_EVERY = 128         # let other trio tasks (the control socket) run at least this often
+YIELD_EVERY = 128         # let other trio tasks run at least this often
+# libfuse's buffer: the kernel refuses reads into less than a whole request (max_write 1 MiB).
+BUFSIZE = 256 * 4096 + 4096
 
-_GONE = select.POLLERR | select.POLLHUP | select.POLLNVAL
-_state = {"lend": None}
+_current = {"loop": None}
 
 
-def _make_wait(fd: int):
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    lot = trio.lowlevel.ParkingLot()     # workers that are not the reader
-    state = {"reader": None, "fast": 0, "closed": False}
+class Loop:
+    def __init__(self, fd: int, server: "fuse.KhoFuse", debug: bool = False):
+        self.fd, self.server, self.debug = fd, server, debug
+        self.stopping = False
+        self.waiting = 0        # answers waiting for an invalidation
 
-    def lend():
-        if state["reader"] is trio.lowlevel.current_task():
-            state["reader"] = None
-            lot.unpark()
+    def _read(self, buf):
+        """One request's length, or None if none came while polling."""
+        fd, readv = self.fd, os.readv
+        try:
+            return readv(fd, [buf])
+        except BlockingIOError:
+            if self.waiting:
+                return None     # park at once: trio then runs the waiting answers
+        perf_counter, sched_yield = time.perf_counter, os.sched_yield
+        deadline = perf_counter() + SPIN_SECONDS
+        while perf_counter() < deadline:
+            sched_yield()
+            try:
+                return readv(fd, [buf])
+            except BlockingIOError:
+                continue
+        return None
+
+    def send(self, reply: bytes) -> None:
+        try:
+            os.write(self.fd, reply)
+        except OSError as e:
+            self._refused(e, reply)
+
+    def _refused(self, e: OSError, reply: bytes) -> None:
+        unique = fuse.OUT_HEADER.unpack_from(reply)[2]
+        if e.errno == errno.ENOENT:
+            self.server.dropped(unique)     # the request was interrupted meanwhile
+        elif e.errno != errno.ENODEV:       # ENODEV: unmounted
+            print(f"khofs: reply to request {unique} refused: {e}", file=sys.stderr,
+                  flush=True)
+
+    async def _answer_later(self, unique, reply, removed) -> None:
+        # Abandoned if the loop ends: the kernel no longer waits for the answer.
+        self.waiting += 1
+        try:
+            await trio.to_thread.run_sync(fuse.invalidate, removed, abandon_on_cancel=True)
+            self.send(reply)
+        finally:
+            self.waiting -= 1
+
+    def _log(self, buf, reply) -> None:
+        _, opcode, unique, nodeid = fuse.IN_HEADER.unpack_from(buf)[:4]
+        name = fuse.OPCODE_NAMES.get(opcode, str(opcode))
+        if reply is None:
+            out = "deferred" if self.server.deferred else "no reply"
+        else:
+            length, err = fuse.OUT_HEADER.unpack_from(reply)[:2]
+            out = f"error {-err}" if err else f"{length - 16} bytes"
+        print(f"khofs: fuse: unique {unique} {name} nodeid {nodeid}: {out}",
+              file=sys.stderr, flush=True)
+
+    async def run(self) -> None:
+        fd, server = self.fd, self.server
+        handle, write = server.handle, os.write
+        os.set_blocking(fd, False)
+        buf = bytearray(BUFSIZE)
+        quick = 0
+        async with trio.open_nursery() as nursery:
+            while not self.stopping:
+                try:
+                    n = self._read(buf)
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENOENT:     # the request was interrupted before we read it
+                        continue
+                    if e.errno == errno.ENODEV:     # unmounted
+                        break
+                    raise
+                if n is None:
+                    quick = 0
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:    # pyfuse3.terminate()
+                        break
+                    continue
+                if n < fuse.HDR:        # 0: the fd was closed under us
+                    break
+                reply = handle(buf, n)
+                if self.debug:
+                    self._log(buf, reply)
+                if reply is not None:
+                    try:
+                        write(fd, reply)
+                    except OSError as e:
+                        self._refused(e, reply)
+                while server.deferred:
+                    nursery.start_soon(self._answer_later, *server.deferred.pop(0))
+                quick += 1
+                if quick >= YIELD_EVERY:
+                    quick = 0
+                    await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+
+
+def take_over(server: "fuse.KhoFuse", fd: int, debug: bool = False) -> Loop:
+    """Answer every request after INIT on `fd` (pyfuse3's session fd) with `server`."""
+    orig = getattr(pyfuse3, "_wait_fuse_readable", None)
+    if not inspect.iscoroutinefunction(orig):
+        raise RuntimeError("khofs needs pyfuse3 3.4 or later 3.x: this one has no "
+                           "_wait_fuse_readable to hook its request loop into")
+    loop = Loop(fd, server, debug)
+    first = [True]
 
     async def wait_fuse_readable():
-        me = trio.lowlevel.current_task()
-        while state["reader"] not in (None, me) and not state["closed"]:
-            await lot.park()
-        state["reader"] = me
-        while not state["closed"]:
-            if state["fast"] < YIELD_EVERY:
-                deadline = time.perf_counter() + SPIN_SECONDS
-                while True:
-                    ready = poller.poll(0)
-                    if ready:
-                        if ready[0][1] & _GONE:
-                            # Unmounted: this worker reads the error and ends; so do the rest.
-                            state["closed"] = True
-                            lot.unpark_all()
-                        state["fast"] += 1
-                        return True
-                    if time.perf_counter() >= deadline:
-                        break
-            state["fast"] = 0
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:
-                # pyfuse3.terminate(): this and every later wait ends its worker.
-                state["closed"] = True
-                lot.unpark_all()
+        if first[0]:
+            first[0] = False
+            return await orig()         # INIT: read and answered by libfuse
+        await loop.run()
         return False
 
-    wait_fuse_readable.orig = pyfuse3._wait_fuse_readable
-    wait_fuse_readable.lend = lend
-    return wait_fuse_readable
-
-
-def install(fd: int) -> bool:
-    """Use the quicker wait for the session whose /dev/fuse fd is `fd`. pyfuse3 3.x looks
-    the wait up by this module-level name on each request; elsewhere nothing changes."""
-    if not inspect.iscoroutinefunction(getattr(pyfuse3, "_wait_fuse_readable", None)):
-        return False
-    wait = _make_wait(fd)
-    pyfuse3._wait_fuse_readable = wait
-    _state["lend"] = wait.lend
-    return True
+    wait_fuse_readable.orig = orig
+    pyfuse3._wait_fuse_readable = wait_fuse_readable
+    _current["loop"] = loop
+    return loop
 
 
 def uninstall() -> None:
     cur = pyfuse3._wait_fuse_readable
     if hasattr(cur, "orig"):
         pyfuse3._wait_fuse_readable = cur.orig
-    _state["lend"] = None
+    _current["loop"] = None
 
 
-def lend_reader() -> None:
-    """Called by a handler about to wait: another worker reads /dev/fuse meanwhile."""
-    if _state["lend"] is not None:
-        _state["lend"]()
+def terminate() -> None:
+    """End the loop (from the trio thread): it unmounts as pyfuse3.terminate() would."""
+    if _current["loop"] is not None:
+        _current["loop"].stopping = True
+    pyfuse3.terminate()

@@ -1,152 +1,187 @@
-"""The quicker /dev/fuse wait: takes a queued request without parking in trio, parks often
-enough for other tasks and whenever nothing is queued, never hands two workers one request,
-lets another worker in while a handler waits, and ends every worker after
-pyfuse3.terminate() or when the fd goes away."""
+"""The request loop, over a SOCK_SEQPACKET pair standing in for /dev/fuse (one request per
+read, one reply per write): it answers queued requests without parking in trio, parks when
+nothing comes, lets other tasks run, answers an abort's write only after the invalidation
+while answering the rest meanwhile, and ends on terminate() or when the fd goes away."""
 
+import errno
 import os
+import socket
+import struct
+import threading
 
 import pyfuse3
 import pytest
 import trio
 
-from khofs import fuseloop
+from khofs import fuse, fuseloop
+from test_fuse_requests import out, req  # noqa: F401 (shared request builders)
+from khofs.host import Host
+from khofs.kernel.machine import MachineConfig
 
 
 @pytest.fixture
-def pipe(monkeypatch):
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    parked = []
-    real = trio.lowlevel.wait_readable
+def dev(monkeypatch):
+    """(loop, kernel side socket, parks, checkpoints, host)."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    host = Host.boot("kho=on reserve_mem=4M:4096:oops", MachineConfig())
+    kf = fuse.KhoFuse(host.tree)
+    parks, checkpoints = [], []
+    real_wait, real_checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
+
+    sent = []
+    real_write = os.write
+
+    def write(fd, data):
+        if fd == ours.fileno():
+            sent.append(data)
+        return real_write(fd, data)
 
     async def wait_readable(fd):
-        parked.append(fd)
-        await real(fd)
+        parks.append((fd, len(sent)))
+        await real_wait(fd)
+
+    async def checkpoint():
+        checkpoints.append(1)
+        await real_checkpoint()
+    monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(trio.lowlevel, "wait_readable", wait_readable)
-    orig = pyfuse3._wait_fuse_readable
-    fuseloop.install(r)
-    yield r, w, parked
+    monkeypatch.setattr(trio.lowlevel, "checkpoint", checkpoint)
+    monkeypatch.setattr(pyfuse3, "terminate", lambda: trio.lowlevel.notify_closing(ours.fileno()))
+    loop = fuseloop.Loop(ours.fileno(), kf)
+    fuseloop._current["loop"] = loop
+    yield loop, kernel, parks, checkpoints, host
+    fuseloop._current["loop"] = None
+    ours.close()
+    kernel.close()
+
+
+def lookup_kho(unique):
+    return bytes(req(fuse.LOOKUP, 1, b"kho\0", unique=unique)[0])
+
+
+def replies(kernel, n):
+    return [out(kernel.recv(1 << 16)) for _ in range(n)]
+
+
+def test_queued_requests_are_answered_without_parking(dev):
+    loop, kernel, parks, _, _ = dev
+    ours = loop.fd
+    for u in range(1, 4):
+        kernel.send(lookup_kho(u))
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(loop.run)
+                got = await trio.to_thread.run_sync(replies, kernel, 3)
+                assert [(e, u) for e, u, _ in got] == [(0, 1), (0, 2), (0, 3)]
+                kernel.shutdown(socket.SHUT_WR)     # the fd goes away: the loop ends
+    trio.run(main)
+    assert parks == [(ours, 3)]        # parked once, after answering all three
+
+
+def test_other_tasks_run_during_a_long_run_of_requests(dev):
+    loop, kernel, _, checkpoints, _ = dev
+    total = 2 * fuseloop.YIELD_EVERY + 1
+    for u in range(total):
+        kernel.send(lookup_kho(u))
+    kernel.shutdown(socket.SHUT_WR)
+    trio.run(loop.run)
+    assert len(replies(kernel, total)) == total
+    assert len(checkpoints) == 2
+
+
+def test_abort_write_is_answered_after_invalidation_and_others_meanwhile(dev, monkeypatch):
+    loop, kernel, _, _, host = dev
+    release, invalidated = threading.Event(), []
+
+    def invalidate(entries):
+        assert release.wait(10)
+        invalidated.append(entries)
+    monkeypatch.setattr(fuse, "invalidate", invalidate)
+    fin = host.tree.finalize
+    kf = loop.server
+    fh = struct.unpack("<QIi", out(kf.handle(*req(fuse.OPEN, fin.ino, bytes(8))))[2])[0]
+    assert out(kf.handle(*req(fuse.WRITE, fin.ino, struct.pack("<QQIIQII", fh, 0, 2, 0, 0, 0, 0) + b"1\n")))[0] == 0
+    abort = req(fuse.WRITE, fin.ino, struct.pack("<QQIIQII", fh, 0, 2, 0, 0, 0, 0) + b"0\n", unique=50)[0]
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(loop.run)
+                kernel.send(bytes(abort))
+                kernel.send(lookup_kho(51))
+                first = await trio.to_thread.run_sync(replies, kernel, 1)
+                assert [u for _, u, _ in first] == [51] and invalidated == []
+                release.set()
+                second = await trio.to_thread.run_sync(replies, kernel, 1)
+                assert second == [(0, 50, struct.pack("<II", 2, 0))]
+                assert len(invalidated[0]) == 2
+                fuseloop.terminate()
+    trio.run(main)
+
+
+def test_terminate_ends_a_parked_loop(dev):
+    loop, _, parks, _, _ = dev
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(loop.run)
+                while not parks:
+                    await trio.sleep(0.001)
+                fuseloop.terminate()
+    trio.run(main)
+    assert loop.stopping
+
+
+def test_refused_reply_of_an_open_drops_the_handle(dev, monkeypatch):
+    loop, _, _, _, host = dev
+    reply = loop.server.handle(*req(fuse.OPEN, host.tree.finalize.ino, bytes(8), unique=9))
+    fh = struct.unpack_from("<Q", reply, 16)[0]
+
+    def refused(fd, data):
+        raise OSError(errno.ENOENT, "interrupted")
+    monkeypatch.setattr(os, "write", refused)
+    loop.send(reply)
+    assert fh not in loop.server.handles
+
+
+def test_take_over_lets_init_through_then_runs_the_loop(dev, monkeypatch):
+    loop, kernel, _, _, _ = dev
+    calls = []
+
+    async def orig():
+        calls.append("libfuse reads INIT")
+        return True
+    monkeypatch.setattr(pyfuse3, "_wait_fuse_readable", orig)
+    mine = fuseloop.take_over(loop.server, loop.fd)
+    kernel.send(lookup_kho(3))
+    kernel.shutdown(socket.SHUT_WR)
+
+    async def main():
+        return [await pyfuse3._wait_fuse_readable(), await pyfuse3._wait_fuse_readable()]
+    assert trio.run(main) == [True, False]
+    assert calls == ["libfuse reads INIT"] and replies(kernel, 1)[0][:2] == (0, 3)
+    assert mine.server is loop.server
     fuseloop.uninstall()
     assert pyfuse3._wait_fuse_readable is orig
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass                # a test closed it
 
 
-def waits(n):
-    async def main():
-        return [await pyfuse3._wait_fuse_readable() for _ in range(n)]
-    return trio.run(main)
+def test_take_over_refuses_a_pyfuse3_without_the_hook(dev, monkeypatch):
+    loop = dev[0]
+    monkeypatch.delattr(pyfuse3, "_wait_fuse_readable")
+    with pytest.raises(RuntimeError, match="pyfuse3"):
+        fuseloop.take_over(loop.server, loop.fd)
 
 
-def test_queued_request_is_taken_without_parking(pipe):
-    _r, w, parked = pipe
-    os.write(w, b"x")
-    assert waits(fuseloop.YIELD_EVERY) == [True] * fuseloop.YIELD_EVERY
-    assert parked == []
-
-
-def test_parks_after_a_run_of_quick_requests(pipe):
-    _r, w, parked = pipe
-    os.write(w, b"x")
-    assert all(waits(fuseloop.YIELD_EVERY + 1))
-    assert len(parked) == 1
-
-
-def test_parks_when_nothing_is_queued(pipe):
-    r, w, parked = pipe
-
-    async def main():
-        async with trio.open_nursery() as n:
-            async def later():
-                await trio.sleep(0.05)
-                os.write(w, b"x")
-            n.start_soon(later)
-            return await pyfuse3._wait_fuse_readable()
-    assert trio.run(main) is True
-    assert parked == [r]
-
-
-def test_two_workers_never_get_one_request(pipe):
-    r, w, _parked = pipe
-    taken, empty = [], []
-
-    async def worker(name):
-        while await pyfuse3._wait_fuse_readable():
-            try:
-                os.read(r, 1)           # what pyfuse3 does at once after True
-                taken.append(name)
-            except BlockingIOError:
-                empty.append(name)
-            await trio.sleep(0)
-
-    async def main():
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(worker, "a")
-                n.start_soon(worker, "b")
-                for _ in range(20):
-                    os.write(w, b"x")
-                    await trio.sleep(0.001)
-                await trio.sleep(0.05)
-                trio.lowlevel.notify_closing(r)     # what pyfuse3.terminate() does
-    trio.run(main)
-    assert len(taken) == 20 and empty == []
-
-
-def test_a_waiting_handler_lets_another_worker_answer(pipe):
-    # A handler that waits (for an invalidation) lets the other worker take the next
-    # request while the first is still waiting.
-    r, w, _parked = pipe
-    log = []
-    release = trio.Event()
-
-    async def worker(name):
-        while await pyfuse3._wait_fuse_readable():
-            data = os.read(r, 1)
-            log.append((name, data))
-            if data == b"w":                    # the abort's write: wait for the thread
-                fuseloop.lend_reader()
-                await release.wait()
-                log.append((name, "answered"))
-
-    async def main():
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(worker, "a")
-                await trio.sleep(0.01)
-                n.start_soon(worker, "b")
-                os.write(w, b"w")
-                await trio.sleep(0.05)
-                os.write(w, b"x")               # must be answered while "w" still waits
-                await trio.sleep(0.05)
-                release.set()
-                await trio.sleep(0.05)
-                trio.lowlevel.notify_closing(r)
-    trio.run(main)
-    assert log == [("a", b"w"), ("b", b"x"), ("a", "answered")]
-
-
-def test_second_worker_ends_when_the_first_ends_on_a_dead_fd(pipe):
-    # An unmount: the fd reports an error, the reader's session loop reads it and ends; the
-    # other worker must then see it too instead of waiting forever.
-    r, w, _parked = pipe
-    ended = []
-
-    async def worker(name):
-        while await pyfuse3._wait_fuse_readable():
-            if os.read(r, 1) == b"":            # EOF: pyfuse3 reads 0 and ends the loop
-                break
-        ended.append(name)
-
-    async def main():
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(worker, "a")
-                n.start_soon(worker, "b")
-                await trio.sleep(0.01)
-                os.close(w)
-    trio.run(main)
-    assert sorted(ended) == ["a", "b"]
+def test_debug_logs_each_request(dev, capsys):
+    loop, kernel, _, _, _ = dev
+    loop.debug = True
+    kernel.send(lookup_kho(4))
+    kernel.send(bytes(req(999, 1, unique=5)[0]))
+    kernel.shutdown(socket.SHUT_WR)
+    trio.run(loop.run)
+    err = capsys.readouterr().err
+    assert "unique 4 LOOKUP nodeid 1: 128 bytes" in err
+    assert "unique 5 999 nodeid 1: error 38" in err
