@@ -254,10 +254,18 @@ class Machine:
 
     # -- what debugfs shows ------------------------------------------------------
     def scratch_phys_text(self) -> bytes:
-        return format_lines(a for a, _ in self.scratch)
+        return self._scratch_texts()[0]
 
     def scratch_len_text(self) -> bytes:
-        return format_lines(s for _, s in self.scratch)
+        return self._scratch_texts()[1]
+
+    def _scratch_texts(self) -> tuple[bytes, bytes]:
+        # The scratch areas are fixed for a boot: format them once, not on every read.
+        key = tuple(self.scratch)
+        if getattr(self, "_scratch_key", None) != key:
+            self._scratch_key = key
+            self._scratch_text = (format_lines(a for a, _ in key), format_lines(s for _, s in key))
+        return self._scratch_text
 
     # -- kexec ---------------------------------------------------------------------
     def kexec_load(self, cmdline: str | None = None, release: str | None = None) -> KexecImage:
