@@ -29,3 +29,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     fi
     touch "$stamp"
 fi
+# Every mount starts a daemon that imports khofs: with PYTHONDONTWRITEBYTECODE set, an
+# editable install would compile it from source each time (~80 ms of every mount).
+.venv/bin/python -m compileall -q khofs >/dev/null
