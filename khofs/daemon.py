@@ -81,13 +81,13 @@ class Daemon:
         fd = _dev_fuse_fd()
         if fd is None:
             raise RuntimeError("pyfuse3 mounted, but no /dev/fuse fd is open")
-        fuseloop.take_over(self.fuse, fd, self.debug_fuse)
+        self.loop = fuseloop.take_over(self.fuse, fd, self.debug_fuse)
 
     async def _signals(self):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
                 log(f"khofs: signal {sig}: unmounting")
-                fuseloop.terminate()
+                self.loop.terminate()
                 return
 
     async def _main(self, on_ready):

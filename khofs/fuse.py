@@ -32,8 +32,16 @@ OPEN, READ, WRITE, STATFS, RELEASE, FSYNC = 14, 15, 16, 17, 18, 20
 FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR, FSYNCDIR = 25, 26, 27, 28, 29, 30
 CREATE, INTERRUPT, DESTROY, NOTIFY_REPLY, BATCH_FORGET = 35, 36, 38, 41, 42
 READDIRPLUS, RENAME2 = 44, 45
-OPCODE_NAMES = {v: k for k, v in dict(globals()).items()
-                if k.isupper() and isinstance(v, int) and v != TTL}
+OPCODE_NAMES = {v: k for k, v in (
+    ("LOOKUP", LOOKUP), ("FORGET", FORGET), ("GETATTR", GETATTR), ("SETATTR", SETATTR),
+    ("READLINK", READLINK), ("SYMLINK", SYMLINK), ("MKNOD", MKNOD), ("MKDIR", MKDIR),
+    ("UNLINK", UNLINK), ("RMDIR", RMDIR), ("RENAME", RENAME), ("LINK", LINK), ("OPEN", OPEN),
+    ("READ", READ), ("WRITE", WRITE), ("STATFS", STATFS), ("RELEASE", RELEASE),
+    ("FSYNC", FSYNC), ("FLUSH", FLUSH), ("INIT", INIT), ("OPENDIR", OPENDIR),
+    ("READDIR", READDIR), ("RELEASEDIR", RELEASEDIR), ("FSYNCDIR", FSYNCDIR),
+    ("CREATE", CREATE), ("INTERRUPT", INTERRUPT), ("DESTROY", DESTROY),
+    ("NOTIFY_REPLY", NOTIFY_REPLY), ("BATCH_FORGET", BATCH_FORGET),
+    ("READDIRPLUS", READDIRPLUS), ("RENAME2", RENAME2))}
 
 FATTR_MODE, FATTR_UID, FATTR_GID = 1 << 0, 1 << 1, 1 << 2
 FATTR_ATIME, FATTR_MTIME, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 1 << 4, 1 << 5, 1 << 7, 1 << 8
@@ -104,11 +112,10 @@ class KhoFuse:
     (FORGET, INTERRUPT) or it is sent later (a write that removed files: see `deferred`)."""
 
     def __init__(self, tree: Tree, stat_size: str = "content", deny_others: bool = False,
-                 owner: int = 0, log=None):
+                 owner: int = 0):
         self.tree = tree
         self.stat_size = stat_size
         self.deny_others, self.owner = deny_others, owner
-        self.log = log
         self.handles: dict[int, object] = {}
         self.dir_handles: dict[int, list] = {}
         self._next_fh = 0
@@ -137,7 +144,7 @@ class KhoFuse:
         op = self._ops.get(opcode)
         if op is None:
             return self._special(opcode, unique, nodeid, uid, buf)
-        if self.deny_others and uid != self.owner and uid != 0 and opcode not in _OPEN_TO_OTHERS:
+        if opcode not in _OPEN_TO_OTHERS and self._denied(uid):
             return _error(unique, errno.EACCES)
         try:
             return op(unique, nodeid, buf, n)
@@ -149,6 +156,10 @@ class KhoFuse:
                   file=sys.stderr, flush=True)
             return _error(unique, errno.EIO)
 
+    def _denied(self, uid: int) -> bool:
+        """-o allow_root: requests from users other than the owner and root are refused."""
+        return self.deny_others and uid != self.owner and uid != 0
+
     def _special(self, opcode, unique, nodeid, uid, buf):
         if opcode == FORGET:
             self.tree.forget(nodeid)
@@ -159,9 +170,8 @@ class KhoFuse:
         elif opcode == DESTROY:
             return _ok(unique)
         elif opcode not in (INTERRUPT, NOTIFY_REPLY):
-            denied = self.deny_others and uid != self.owner and uid != 0
             # What libfuse answers without a handler.
-            return _error(unique, errno.EACCES if denied else errno.ENOSYS)
+            return _error(unique, errno.EACCES if self._denied(uid) else errno.ENOSYS)
         # FORGET, INTERRUPT, NOTIFY_REPLY: the kernel neither waits for a reply nor takes one.
         return None
 

@@ -28,14 +28,16 @@ YIELD_EVERY = 128         # let other trio tasks run at least this often
 # libfuse's buffer: the kernel refuses reads into less than a whole request (max_write 1 MiB).
 BUFSIZE = 256 * 4096 + 4096
 
-_current = {"loop": None}
-
-
 class Loop:
     def __init__(self, fd: int, server: "fuse.KhoFuse", debug: bool = False):
         self.fd, self.server, self.debug = fd, server, debug
         self.stopping = False
         self.waiting = 0        # answers waiting for an invalidation
+
+    def terminate(self) -> None:
+        """End the loop (from the trio thread); pyfuse3.terminate() wakes it if parked."""
+        self.stopping = True
+        pyfuse3.terminate()
 
     def _read(self, buf):
         """One request's length, or None if none came while polling."""
@@ -151,7 +153,6 @@ def take_over(server: "fuse.KhoFuse", fd: int, debug: bool = False) -> Loop:
 
     wait_fuse_readable.orig = orig
     pyfuse3._wait_fuse_readable = wait_fuse_readable
-    _current["loop"] = loop
     return loop
 
 
@@ -159,11 +160,3 @@ def uninstall() -> None:
     cur = pyfuse3._wait_fuse_readable
     if hasattr(cur, "orig"):
         pyfuse3._wait_fuse_readable = cur.orig
-    _current["loop"] = None
-
-
-def terminate() -> None:
-    """End the loop (from the trio thread): it unmounts as pyfuse3.terminate() would."""
-    if _current["loop"] is not None:
-        _current["loop"].stopping = True
-    pyfuse3.terminate()

@@ -87,6 +87,7 @@ class Machine:
 
         self.scratch_array = 0
         self.scratch: list[tuple[int, int]] = []
+        self._scratch_text = None
         self.preserved = RangeSet()         # what this boot found preserved (kho_mem_deserialize)
         self.incoming_runs: list = []
         if self.kho_in is not None:
@@ -260,11 +261,10 @@ class Machine:
         return self._scratch_texts()[1]
 
     def _scratch_texts(self) -> tuple[bytes, bytes]:
-        # The scratch areas are fixed for a boot: format them once, not on every read.
-        key = tuple(self.scratch)
-        if getattr(self, "_scratch_key", None) != key:
-            self._scratch_key = key
-            self._scratch_text = (format_lines(a for a, _ in key), format_lines(s for _, s in key))
+        # The scratch areas are fixed once booted: format them once, not on every read.
+        if self._scratch_text is None:
+            self._scratch_text = (format_lines(a for a, _ in self.scratch),
+                                  format_lines(s for _, s in self.scratch))
         return self._scratch_text
 
     # -- kexec ---------------------------------------------------------------------

@@ -48,9 +48,7 @@ def dev(monkeypatch):
     monkeypatch.setattr(trio.lowlevel, "checkpoint", checkpoint)
     monkeypatch.setattr(pyfuse3, "terminate", lambda: trio.lowlevel.notify_closing(ours.fileno()))
     loop = fuseloop.Loop(ours.fileno(), kf)
-    fuseloop._current["loop"] = loop
     yield loop, kernel, parks, checkpoints, host
-    fuseloop._current["loop"] = None
     ours.close()
     kernel.close()
 
@@ -117,7 +115,7 @@ def test_abort_write_is_answered_after_invalidation_and_others_meanwhile(dev, mo
                 second = await trio.to_thread.run_sync(replies, kernel, 1)
                 assert second == [(0, 50, struct.pack("<II", 2, 0))]
                 assert len(invalidated[0]) == 2
-                fuseloop.terminate()
+                loop.terminate()
     trio.run(main)
 
 
@@ -130,7 +128,7 @@ def test_terminate_ends_a_parked_loop(dev):
                 n.start_soon(loop.run)
                 while not parks:
                     await trio.sleep(0.001)
-                fuseloop.terminate()
+                loop.terminate()
     trio.run(main)
     assert loop.stopping
 
