@@ -93,7 +93,7 @@ def _serve_locked(args, mnt) -> int:
                     debug_fuse=args.debug_fuse)
     try:
         daemon.mount()
-    except Exception as e:       # pyfuse3 raises RuntimeError with libfuse's message
+    except Exception as e:       # libfuse's own reason is already in the log
         report(fd, error=f"cannot mount on {mnt}: {e}")
         _err(f"cannot mount on {mnt}: {e}")
         return EXIT_FAIL

@@ -10,9 +10,8 @@ import json
 import os
 import socket
 import sys
+import threading
 import traceback
-
-import trio
 
 from .host import Host
 from .kernel.errors import KernelError
@@ -74,8 +73,6 @@ def command(name, required=(), optional=()):
 class Control:
     def __init__(self, host: Host):
         self.host = host
-        # Awaited after each request, before its reply (the daemon drops stale kernel caches).
-        self.settle = None
         self.user_allocs: dict[int, int] = {}        # phys -> pages, of the current boot
         self.subtrees: dict[str, UserSubtree] = {}
         host.on_new_tree.append(self._new_boot)
@@ -248,28 +245,50 @@ def _release(req):
     return r
 
 
-async def serve(control: Control, path: str, task_status=trio.TASK_STATUS_IGNORED):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(16)
-    listener = trio.SocketListener(sock)
-    task_status.started()
+class Server:
+    """The control socket: a thread accepts, a thread per connection reads request lines and
+    answers each with execute(line) -> reply dict, in order."""
 
-    async def handler(stream):
+    def __init__(self, path: str, execute):
+        self.path, self.execute = path, execute
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        self.sock.listen(16)
+        threading.Thread(target=self._accept, name="khofs-control", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except InterruptedError:
+                continue
+            except OSError:
+                return          # closed
+            threading.Thread(target=self._serve, args=(conn,), name="khofs-control-conn",
+                             daemon=True).start()
+
+    def _send(self, conn, reply) -> bool:
+        try:
+            conn.sendall((json.dumps(reply) + "\n").encode())
+            return True
+        except OSError:
+            return False
+
+    def _serve(self, conn) -> None:
         buf = bytearray()
-        async with stream:
+        with conn:
             while True:
                 try:
-                    data = await stream.receive_some(1 << 20)
-                except trio.BrokenResourceError:
+                    data = conn.recv(1 << 20)
+                except OSError:
                     return
                 if not data:
                     return
@@ -279,20 +298,20 @@ async def serve(control: Control, path: str, task_status=trio.TASK_STATUS_IGNORE
                     if nl < 0:
                         break
                     line, buf = bytes(buf[:nl]), buf[nl + 1:]
-                    reply = control.handle_line(line)
-                    if control.settle is not None:
-                        await control.settle()
-                    try:
-                        await stream.send_all((json.dumps(reply) + "\n").encode())
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    if not self._send(conn, self.execute(line)):
                         return
                 if len(buf) > MAX_LINE:
-                    reply = {"ok": False, "errno": errno.E2BIG, "error": "E2BIG",
-                             "message": f"request line longer than {MAX_LINE} bytes"}
-                    try:
-                        await stream.send_all((json.dumps(reply) + "\n").encode())
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                    self._send(conn, {"ok": False, "errno": errno.E2BIG, "error": "E2BIG",
+                                      "message": f"request line longer than {MAX_LINE} bytes"})
                     return
 
-    await trio.serve_listeners(handler, [listener])
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)     # wakes the accepting thread
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,17 +1,16 @@
 """The khofs daemon: the emulated kernel behind a FUSE mount, until unmounted or signalled."""
 
+import errno
 import json
 import os
 import signal
 import socket
 import sys
 
-import pyfuse3
-import trio
-
 from . import control, fuseloop, runtime
-from .fuse import KhoFuse, forget_removed, invalidate
+from .fuse import ROOT_INODE, KhoFuse, invalidate
 from .host import Host
+from .libfuse import Session
 
 
 def log(text: str) -> None:
@@ -35,13 +34,6 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-class _InitOnly(pyfuse3.Operations):
-    """What pyfuse3 reads at INIT (the capabilities libfuse asks for); khofs.fuse answers
-    every request after it."""
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-
-
 class Daemon:
     def __init__(self, mountpoint: str, host: Host, stat_size: str = "content",
                  fuse_options=(), debug_fuse: bool = False):
@@ -51,81 +43,74 @@ class Daemon:
                             owner=os.getuid())
         host.on_new_tree.append(self.fuse.set_tree)
         self.control = control.Control(host)
-        self.control.settle = self._drop_stale_entries
         self.sock_path = runtime.paths(mountpoint)["sock"]
-        self.options = set(pyfuse3.default_options)     # default_permissions: the kernel checks modes
-        self.options |= {"fsname=khofs", "subtype=khofs"}
+        # default_permissions: the kernel checks modes, as it does on debugfs.
+        self.options = {"default_permissions", "fsname=khofs", "subtype=khofs"}
         self.options |= set(fuse_options)
         self.debug_fuse = debug_fuse
         if debug_fuse:
             self.options.add("debug")     # libfuse logs INIT; khofs.fuseloop the rest
-        self._mounted = False
-
-    async def _drop_stale_entries(self) -> None:
-        """After a control request, make the kernel forget entries it removed (an old boot's
-        after a kexec) before the request is answered."""
-        stale, self.host.stale_entries = self.host.stale_entries, []
-        if stale:
-            def work():
-                invalidate([(parent, name, None) for parent, name in stale])
-                try:
-                    pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
-                except OSError:
-                    pass
-            await trio.to_thread.run_sync(work)
-        await forget_removed(self.host.tree)
+        self.session = None
+        self.loop = None
+        self.server = None
+        self.signalled = 0
 
     def mount(self) -> None:
-        pyfuse3.init(_InitOnly(), self.mountpoint, sorted(self.options))
-        self._mounted = True
-        fd = _dev_fuse_fd()
-        if fd is None:
-            raise RuntimeError("pyfuse3 mounted, but no /dev/fuse fd is open")
-        self.loop = fuseloop.take_over(self.fuse, fd, self.debug_fuse)
+        self.session = Session(self.mountpoint, sorted(self.options))
+        try:
+            self.session.init()
+        except BaseException:
+            self.session.close()
+            self.session = None
+            raise
+        self.loop = fuseloop.Loop(self.session.fd, self.fuse,
+                                  lambda entries: invalidate(self.session, entries),
+                                  self.debug_fuse)
 
-    async def _signals(self):
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for sig in sigs:
-                log(f"khofs: signal {sig}: unmounting")
-                self.loop.terminate()
-                return
+    def _control_request(self, line: bytes) -> dict:
+        """In a control connection's thread: the request runs on the loop's thread; then,
+        before the reply, the kernel forgets what it removed (an abort's files, an old
+        boot's entries after a kexec) while the loop goes on answering it."""
+        try:
+            reply, stale, removed = self.loop.call(self._execute, line)
+        except fuseloop.LoopStopped:
+            return {"ok": False, "errno": errno.ESHUTDOWN, "error": "ESHUTDOWN",
+                    "message": "the daemon is unmounting"}
+        if stale or removed:
+            invalidate(self.session, stale + removed, [ROOT_INODE] if stale else [])
+        return reply
 
-    async def _main(self, on_ready):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._signals)
-            await nursery.start(control.serve, self.control, self.sock_path)
-            if on_ready:
-                on_ready()
-            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-            await pyfuse3.main(min_tasks=1, max_tasks=1)
-            sd_notify("STOPPING=1")
-            nursery.cancel_scope.cancel()
+    def _execute(self, line: bytes):
+        reply = self.control.handle_line(line)
+        stale = [(parent, name, None) for parent, name in self.host.stale_entries]
+        self.host.stale_entries = []
+        tree = self.host.tree
+        tree.sync()
+        return reply, stale, tree.take_removed()
+
+    def _signal(self, sig, frame) -> None:
+        self.signalled = sig
+        self.loop.terminate()
 
     def run(self, on_ready=None) -> None:
         try:
-            trio.run(self._main, on_ready)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self._signal)
+            self.loop.wake_on_signals()
+            self.server = control.Server(self.sock_path, self._control_request)
+            if on_ready:
+                on_ready()
+            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+            self.loop.run()
+            if self.signalled:
+                log(f"khofs: signal {self.signalled}: unmounting")
+            sd_notify("STOPPING=1")
         finally:
-            fuseloop.uninstall()
-            if self._mounted:
-                pyfuse3.close(unmount=True)
-                self._mounted = False
-            for p in (self.sock_path,):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
+            if self.server is not None:
+                self.server.close()
+            if self.session is not None:
+                self.session.close()
             runtime.remove_info(self.mountpoint)
-
-
-def _dev_fuse_fd():
-    """The fd pyfuse3.init opened on /dev/fuse (pyfuse3 does not expose it)."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                return int(name)
-        except OSError:
-            continue
-    return None
 
 
 def report(fd: int | None, **msg) -> None:

@@ -1,10 +1,10 @@
 """The FUSE requests over the debugfs node tree: request bytes in, reply bytes out.
 
-libfuse (through pyfuse3) mounts, answers INIT and sends invalidations; every request after
-INIT is read from /dev/fuse and answered here (khofs.fuseloop). pyfuse3's own per-request
-path (splice reads, a coroutine and a trio round trip per request) cost several times what
-the answer itself does. The replies are the bytes libfuse would send for the answers
-pyfuse3's Operations gave before, so the kernel sees the same filesystem.
+libfuse (khofs.libfuse) mounts, answers INIT and sends invalidations; every request after
+INIT is read from /dev/fuse and answered here (khofs.fuseloop). A Python binding's own
+per-request path (pyfuse3's splice reads, a coroutine and a trio round trip per request)
+cost several times what the answer itself does. The replies are the bytes libfuse sends
+for the same answers (errnos, timeouts, open flags, readdirplus records).
 """
 
 import errno
@@ -13,9 +13,6 @@ import struct
 import sys
 import time
 import traceback
-
-import pyfuse3
-import trio
 
 from .debugfs import Dir, File, Node, Tree
 from .kernel.errors import KernelError
@@ -70,28 +67,20 @@ _OPEN_TO_OTHERS = frozenset({INIT, READ, WRITE, FSYNC, RELEASE, READDIR, FSYNCDI
                              RELEASEDIR, NOTIFY_REPLY, READDIRPLUS})
 
 
-def invalidate(entries) -> None:
+ROOT_INODE = 1
+
+
+def invalidate(session, entries, inodes=()) -> None:
     """Make the kernel forget (parent inode, name, inode or None) entries, and the removed
-    inodes' attributes (an open file then shows nlink 0). Blocking: call it from a thread,
-    as the kernel may first need an answer to a request in flight (a lookup holding the
-    directory's lock)."""
+    inodes' attributes (an open file then shows nlink 0), and the attributes of `inodes`.
+    Blocking: call it from a thread, as the kernel may first need an answer to a request
+    in flight (a lookup holding the directory's lock). Entries it had not cached are fine."""
     for parent, name, ino in entries:
-        try:
-            pyfuse3.invalidate_entry(parent, os.fsencode(name))
-        except OSError:
-            pass            # not cached
+        session.invalidate_entry(parent, os.fsencode(name))
         if ino is not None:
-            try:
-                pyfuse3.invalidate_inode(ino, attr_only=True)
-            except OSError:
-                pass
-
-
-async def forget_removed(tree) -> None:
-    tree.sync()
-    removed = tree.take_removed()
-    if removed:
-        await trio.to_thread.run_sync(invalidate, removed)
+            session.invalidate_attr(ino)
+    for ino in inodes:
+        session.invalidate_attr(ino)
 
 
 def _error(unique: int, err: int) -> bytes:

@@ -1,52 +1,102 @@
-"""The request loop: reads /dev/fuse and answers with khofs.fuse.KhoFuse, inside pyfuse3.main().
+"""The daemon's loop: reads /dev/fuse and answers with khofs.fuse.KhoFuse, and runs what other
+threads hand it (control requests, answers that waited for an invalidation).
 
-pyfuse3 answers INIT (libfuse negotiates the connection as for any pyfuse3 filesystem) and
-then awaits its module-level _wait_fuse_readable() before each request. The wait installed
-here lets that first request through, then runs this loop until the unmount and returns
-False, which ends pyfuse3's own loop.
-
-The loop reads without parking in trio while requests keep coming: after an answer it polls
-the fd for up to 100 us, yielding the CPU between polls so a client on this CPU runs first,
-and parks only when nothing came (and at least every 128 requests, so the control socket
-runs). A write that removed files (an abort) is answered from a task once the kernel forgot
-them, while the loop goes on answering the kernel.
+The loop reads without sleeping while requests keep coming: after an answer it polls the fd
+for up to 100 us, yielding the CPU between polls so a client on this CPU runs first, and
+sleeps in epoll only when nothing came (and looks at other threads' work at least every
+128 requests). The kernel's state is touched only on this thread.
 """
 
+import collections
 import errno
-import inspect
 import os
+import select
+import signal
 import sys
+import threading
 import time
-
-import pyfuse3
-import trio
 
 from . import fuse
 
-SPIN_SECONDS = 100e-6     # how long to poll before parking in trio
-YIELD_EVERY = 128         # let other trio tasks run at least this often
+SPIN_SECONDS = 100e-6     # how long to poll before sleeping
+YIELD_EVERY = 128         # run other threads' work at least this often
 # libfuse's buffer: the kernel refuses reads into less than a whole request (max_write 1 MiB).
 BUFSIZE = 256 * 4096 + 4096
 
+
+class LoopStopped(Exception):
+    """The loop ended before it ran the call."""
+
+
 class Loop:
-    def __init__(self, fd: int, server: "fuse.KhoFuse", debug: bool = False):
-        self.fd, self.server, self.debug = fd, server, debug
+    def __init__(self, fd: int, server: "fuse.KhoFuse", invalidate, debug: bool = False):
+        """`invalidate(entries)` makes the kernel forget removed entries; it may block until
+        this loop answers a request, so it runs in another thread."""
+        self.fd, self.server, self.invalidate, self.debug = fd, server, invalidate, debug
         self.stopping = False
         self.waiting = 0        # answers waiting for an invalidation
+        self._calls = collections.deque()
+        self.wake_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.epoll(2)
+        self._poll.register(fd, select.EPOLLIN)
+        self._poll.register(self.wake_fd, select.EPOLLIN)
+        self.thread = None      # the thread running run()
+
+    # -- from any thread ---------------------------------------------------------------
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass            # already awake
+
+    def submit(self, fn, *args) -> None:
+        """Run fn(*args) on the loop's thread."""
+        self._calls.append((fn, args))
+        self.wake()
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the loop's thread and return what it returns (or raise what it
+        raised). Raises LoopStopped if the loop ends first."""
+        done, box = threading.Event(), []
+
+        def run():
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as e:
+                box.append((False, e))
+            done.set()
+        self.submit(run)
+        while not done.wait(0.5):
+            if self.stopping:
+                raise LoopStopped()
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
 
     def terminate(self) -> None:
-        """End the loop (from the trio thread); pyfuse3.terminate() wakes it if parked."""
+        """End the loop (from a signal handler or another thread)."""
         self.stopping = True
-        pyfuse3.terminate()
+        self.wake()
 
+    def wake_on_signals(self) -> None:
+        """A signal arriving while the loop sleeps wakes it (its handler runs at once)."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def close(self) -> None:
+        self._poll.close()
+        os.close(self.wake_fd)
+        os.close(self._wake_w)
+
+    # -- on the loop's thread --------------------------------------------------------------
     def _read(self, buf):
         """One request's length, or None if none came while polling."""
         fd, readv = self.fd, os.readv
         try:
             return readv(fd, [buf])
         except BlockingIOError:
-            if self.waiting:
-                return None     # park at once: trio then runs the waiting answers
+            if self.waiting or self._calls:
+                return None     # sleep at once: other threads' work is due
         perf_counter, sched_yield = time.perf_counter, os.sched_yield
         deadline = perf_counter() + SPIN_SECONDS
         while perf_counter() < deadline:
@@ -56,6 +106,21 @@ class Loop:
             except BlockingIOError:
                 continue
         return None
+
+    def _park(self, timeout: float = -1) -> None:
+        """Sleep until the fd is readable or work is handed over; run that work."""
+        if self._calls:
+            timeout = 0
+        for fd, _ in self._poll.poll(timeout):
+            if fd == self.wake_fd:
+                try:
+                    os.read(self.wake_fd, 4096)
+                except BlockingIOError:
+                    pass
+        calls = self._calls
+        while calls and not self.stopping:
+            fn, args = calls.popleft()
+            fn(*args)
 
     def send(self, reply: bytes) -> None:
         try:
@@ -71,14 +136,19 @@ class Loop:
             print(f"khofs: reply to request {unique} refused: {e}", file=sys.stderr,
                   flush=True)
 
-    async def _answer_later(self, unique, reply, removed) -> None:
-        # Abandoned if the loop ends: the kernel no longer waits for the answer.
+    def _answer_later(self, unique, reply, removed) -> None:
         self.waiting += 1
-        try:
-            await trio.to_thread.run_sync(fuse.invalidate, removed, abandon_on_cancel=True)
-            self.send(reply)
-        finally:
-            self.waiting -= 1
+
+        def work():
+            try:
+                self.invalidate(removed)
+            finally:
+                self.submit(self._answered, reply)
+        threading.Thread(target=work, name=f"khofs-answer-{unique}", daemon=True).start()
+
+    def _answered(self, reply) -> None:
+        self.waiting -= 1
+        self.send(reply)
 
     def _log(self, buf, reply) -> None:
         _, opcode, unique, nodeid = fuse.IN_HEADER.unpack_from(buf)[:4]
@@ -91,13 +161,15 @@ class Loop:
         print(f"khofs: fuse: unique {unique} {name} nodeid {nodeid}: {out}",
               file=sys.stderr, flush=True)
 
-    async def run(self) -> None:
+    def run(self) -> None:
+        """Answer requests until terminate(), the unmount, or the fd's end."""
+        self.thread = threading.current_thread()
         fd, server = self.fd, self.server
         handle, write = server.handle, os.write
         os.set_blocking(fd, False)
         buf = bytearray(BUFSIZE)
         quick = 0
-        async with trio.open_nursery() as nursery:
+        try:
             while not self.stopping:
                 try:
                     n = self._read(buf)
@@ -111,10 +183,7 @@ class Loop:
                     raise
                 if n is None:
                     quick = 0
-                    try:
-                        await trio.lowlevel.wait_readable(fd)
-                    except trio.ClosedResourceError:    # pyfuse3.terminate()
-                        break
+                    self._park()
                     continue
                 if n < fuse.HDR:        # 0: the fd was closed under us
                     break
@@ -127,36 +196,10 @@ class Loop:
                     except OSError as e:
                         self._refused(e, reply)
                 while server.deferred:
-                    nursery.start_soon(self._answer_later, *server.deferred.pop(0))
+                    self._answer_later(*server.deferred.pop(0))
                 quick += 1
                 if quick >= YIELD_EVERY:
                     quick = 0
-                    await trio.lowlevel.checkpoint()
-            nursery.cancel_scope.cancel()
-
-
-def take_over(server: "fuse.KhoFuse", fd: int, debug: bool = False) -> Loop:
-    """Answer every request after INIT on `fd` (pyfuse3's session fd) with `server`."""
-    orig = getattr(pyfuse3, "_wait_fuse_readable", None)
-    if not inspect.iscoroutinefunction(orig):
-        raise RuntimeError("khofs needs pyfuse3 3.4 or later 3.x: this one has no "
-                           "_wait_fuse_readable to hook its request loop into")
-    loop = Loop(fd, server, debug)
-    first = [True]
-
-    async def wait_fuse_readable():
-        if first[0]:
-            first[0] = False
-            return await orig()         # INIT: read and answered by libfuse
-        await loop.run()
-        return False
-
-    wait_fuse_readable.orig = orig
-    pyfuse3._wait_fuse_readable = wait_fuse_readable
-    return loop
-
-
-def uninstall() -> None:
-    cur = pyfuse3._wait_fuse_readable
-    if hasattr(cur, "orig"):
-        pyfuse3._wait_fuse_readable = cur.orig
+                    self._park(0)
+        finally:
+            self.stopping = True

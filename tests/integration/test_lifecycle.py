@@ -98,6 +98,19 @@ def test_signal_daemon_unmounts_itself(mount_khofs, sig):
     assert os.listdir(m.path) == []
 
 
+def test_debug_fuse_logs_the_negotiated_connection_and_each_request(mount_khofs):
+    m = mount_khofs("--debug-fuse", cmdline="kho=on")
+    assert os.listdir(m.kho) == ["out"]     # a first boot has no kho/in
+    with open(runtime.paths(m.path)["log"]) as f:
+        log = f.read()
+    # libfuse's INIT reply: READDIRPLUS always (1 << 13), never "auto" (1 << 14),
+    # EXPORT_SUPPORT (1 << 4).
+    reply = log.split("   INIT: ", 1)[1]
+    flags = int(reply.split("flags=", 1)[1].split()[0], 16)
+    assert flags & (1 << 13) and flags & (1 << 4) and not flags & (1 << 14)
+    assert "READDIRPLUS nodeid 2" in log
+
+
 def test_remount_after_umount(mount_khofs):
     m = mount_khofs(cmdline="kho=on", name="mnt")
     assert khofs("umount", m.path).returncode == 0

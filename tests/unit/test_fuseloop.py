@@ -1,17 +1,17 @@
 """The request loop, over a SOCK_SEQPACKET pair standing in for /dev/fuse (one request per
-read, one reply per write): it answers queued requests without parking in trio, parks when
-nothing comes, lets other tasks run, answers an abort's write only after the invalidation
-while answering the rest meanwhile, and ends on terminate() or when the fd goes away."""
+read, one reply per write): it answers queued requests without sleeping, sleeps when nothing
+comes, runs other threads' work between requests, answers an abort's write only after the
+invalidation while answering the rest meanwhile, and ends on terminate() or when the fd
+goes away."""
 
 import errno
 import os
+import signal
 import socket
 import struct
 import threading
 
-import pyfuse3
 import pytest
-import trio
 
 from khofs import fuse, fuseloop
 from test_fuse_requests import out, req  # noqa: F401 (shared request builders)
@@ -21,34 +21,28 @@ from khofs.kernel.machine import MachineConfig
 
 @pytest.fixture
 def dev(monkeypatch):
-    """(loop, kernel side socket, parks, checkpoints, host)."""
+    """(loop, kernel side socket, parks, host); parks records (timeout, replies sent)."""
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     host = Host.boot("kho=on reserve_mem=4M:4096:oops", MachineConfig())
     kf = fuse.KhoFuse(host.tree)
-    parks, checkpoints = [], []
-    real_wait, real_checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
-
-    sent = []
-    real_write = os.write
+    invalidated = []
+    loop = fuseloop.Loop(ours.fileno(), kf, invalidated.append)
+    loop.invalidated = invalidated
+    parks, sent = [], []
+    real_write, real_park = os.write, loop._park
 
     def write(fd, data):
         if fd == ours.fileno():
             sent.append(data)
         return real_write(fd, data)
 
-    async def wait_readable(fd):
-        parks.append((fd, len(sent)))
-        await real_wait(fd)
-
-    async def checkpoint():
-        checkpoints.append(1)
-        await real_checkpoint()
+    def park(timeout=-1):
+        parks.append((timeout, len(sent)))
+        real_park(timeout)
     monkeypatch.setattr(os, "write", write)
-    monkeypatch.setattr(trio.lowlevel, "wait_readable", wait_readable)
-    monkeypatch.setattr(trio.lowlevel, "checkpoint", checkpoint)
-    monkeypatch.setattr(pyfuse3, "terminate", lambda: trio.lowlevel.notify_closing(ours.fileno()))
-    loop = fuseloop.Loop(ours.fileno(), kf)
-    yield loop, kernel, parks, checkpoints, host
+    monkeypatch.setattr(loop, "_park", park)
+    yield loop, kernel, parks, host
+    loop.close()
     ours.close()
     kernel.close()
 
@@ -58,83 +52,112 @@ def lookup_kho(unique):
 
 
 def replies(kernel, n):
+    kernel.settimeout(10)
     return [out(kernel.recv(1 << 16)) for _ in range(n)]
 
 
-def test_queued_requests_are_answered_without_parking(dev):
-    loop, kernel, parks, _, _ = dev
-    ours = loop.fd
+def running(loop):
+    t = threading.Thread(target=loop.run, daemon=True)
+    t.start()
+    return t
+
+
+def test_queued_requests_are_answered_without_sleeping(dev):
+    loop, kernel, parks, _ = dev
     for u in range(1, 4):
         kernel.send(lookup_kho(u))
-
-    async def main():
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(loop.run)
-                got = await trio.to_thread.run_sync(replies, kernel, 3)
-                assert [(e, u) for e, u, _ in got] == [(0, 1), (0, 2), (0, 3)]
-                kernel.shutdown(socket.SHUT_WR)     # the fd goes away: the loop ends
-    trio.run(main)
-    assert parks == [(ours, 3)]        # parked once, after answering all three
+    t = running(loop)
+    assert [(e, u) for e, u, _ in replies(kernel, 3)] == [(0, 1), (0, 2), (0, 3)]
+    while not parks:
+        threading.Event().wait(0.001)
+    assert parks[0] == (-1, 3)          # slept first after answering all three
+    kernel.shutdown(socket.SHUT_WR)     # the fd goes away: the loop ends
+    t.join(10)
+    assert not t.is_alive()
 
 
-def test_other_tasks_run_during_a_long_run_of_requests(dev):
-    loop, kernel, _, checkpoints, _ = dev
+def test_other_threads_work_runs_during_a_long_run_of_requests(dev):
+    loop, kernel, parks, _ = dev
     total = 2 * fuseloop.YIELD_EVERY + 1
     for u in range(total):
         kernel.send(lookup_kho(u))
     kernel.shutdown(socket.SHUT_WR)
-    trio.run(loop.run)
+    loop.run()
     assert len(replies(kernel, total)) == total
-    assert len(checkpoints) == 2
+    assert [p for p in parks if p[0] == 0] == [(0, fuseloop.YIELD_EVERY),
+                                               (0, 2 * fuseloop.YIELD_EVERY)]
 
 
-def test_abort_write_is_answered_after_invalidation_and_others_meanwhile(dev, monkeypatch):
-    loop, kernel, _, _, host = dev
+def test_call_runs_on_the_loop_thread_and_returns_or_raises(dev):
+    loop, kernel, _, _ = dev
+    t = running(loop)
+    assert loop.call(threading.current_thread) is t
+    with pytest.raises(ZeroDivisionError):
+        loop.call(lambda: 1 / 0)
+    kernel.send(lookup_kho(5))          # and the loop still answers
+    assert replies(kernel, 1)[0][:2] == (0, 5)
+    loop.terminate()
+    t.join(10)
+    with pytest.raises(fuseloop.LoopStopped):
+        loop.call(lambda: None)
+
+
+def test_abort_write_is_answered_after_invalidation_and_others_meanwhile(dev):
+    loop, kernel, _, host = dev
     release, invalidated = threading.Event(), []
 
     def invalidate(entries):
         assert release.wait(10)
         invalidated.append(entries)
-    monkeypatch.setattr(fuse, "invalidate", invalidate)
+    loop.invalidate = invalidate
     fin = host.tree.finalize
     kf = loop.server
     fh = struct.unpack("<QIi", out(kf.handle(*req(fuse.OPEN, fin.ino, bytes(8))))[2])[0]
     assert out(kf.handle(*req(fuse.WRITE, fin.ino, struct.pack("<QQIIQII", fh, 0, 2, 0, 0, 0, 0) + b"1\n")))[0] == 0
     abort = req(fuse.WRITE, fin.ino, struct.pack("<QQIIQII", fh, 0, 2, 0, 0, 0, 0) + b"0\n", unique=50)[0]
-
-    async def main():
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(loop.run)
-                kernel.send(bytes(abort))
-                kernel.send(lookup_kho(51))
-                first = await trio.to_thread.run_sync(replies, kernel, 1)
-                assert [u for _, u, _ in first] == [51] and invalidated == []
-                release.set()
-                second = await trio.to_thread.run_sync(replies, kernel, 1)
-                assert second == [(0, 50, struct.pack("<II", 2, 0))]
-                assert len(invalidated[0]) == 2
-                loop.terminate()
-    trio.run(main)
+    t = running(loop)
+    kernel.send(bytes(abort))
+    kernel.send(lookup_kho(51))
+    assert [u for _, u, _ in replies(kernel, 1)] == [51] and invalidated == []
+    release.set()
+    assert replies(kernel, 1) == [(0, 50, struct.pack("<II", 2, 0))]
+    assert len(invalidated[0]) == 2
+    assert loop.waiting == 0
+    loop.terminate()
+    t.join(10)
+    assert not t.is_alive()
 
 
-def test_terminate_ends_a_parked_loop(dev):
-    loop, _, parks, _, _ = dev
+def test_terminate_ends_a_sleeping_loop(dev):
+    loop, _, parks, _ = dev
+    t = running(loop)
+    while not parks:
+        threading.Event().wait(0.001)
+    loop.terminate()
+    t.join(10)
+    assert not t.is_alive() and loop.stopping
 
-    async def main():
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(loop.run)
-                while not parks:
-                    await trio.sleep(0.001)
-                loop.terminate()
-    trio.run(main)
-    assert loop.stopping
+
+def test_a_signal_wakes_a_sleeping_loop(dev):
+    loop, _, parks, _ = dev
+    got = []
+
+    def handler(sig, frame):
+        got.append(sig)
+        loop.terminate()
+    old = signal.signal(signal.SIGUSR1, handler)
+    loop.wake_on_signals()
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        loop.run()                      # on the main thread, as in the daemon
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR1, old)
+    assert got == [signal.SIGUSR1] and parks
 
 
 def test_refused_reply_of_an_open_drops_the_handle(dev, monkeypatch):
-    loop, _, _, _, host = dev
+    loop, _, _, host = dev
     reply = loop.server.handle(*req(fuse.OPEN, host.tree.finalize.ino, bytes(8), unique=9))
     fh = struct.unpack_from("<Q", reply, 16)[0]
 
@@ -145,41 +168,13 @@ def test_refused_reply_of_an_open_drops_the_handle(dev, monkeypatch):
     assert fh not in loop.server.handles
 
 
-def test_take_over_lets_init_through_then_runs_the_loop(dev, monkeypatch):
-    loop, kernel, _, _, _ = dev
-    calls = []
-
-    async def orig():
-        calls.append("libfuse reads INIT")
-        return True
-    monkeypatch.setattr(pyfuse3, "_wait_fuse_readable", orig)
-    mine = fuseloop.take_over(loop.server, loop.fd)
-    kernel.send(lookup_kho(3))
-    kernel.shutdown(socket.SHUT_WR)
-
-    async def main():
-        return [await pyfuse3._wait_fuse_readable(), await pyfuse3._wait_fuse_readable()]
-    assert trio.run(main) == [True, False]
-    assert calls == ["libfuse reads INIT"] and replies(kernel, 1)[0][:2] == (0, 3)
-    assert mine.server is loop.server
-    fuseloop.uninstall()
-    assert pyfuse3._wait_fuse_readable is orig
-
-
-def test_take_over_refuses_a_pyfuse3_without_the_hook(dev, monkeypatch):
-    loop = dev[0]
-    monkeypatch.delattr(pyfuse3, "_wait_fuse_readable")
-    with pytest.raises(RuntimeError, match="pyfuse3"):
-        fuseloop.take_over(loop.server, loop.fd)
-
-
 def test_debug_logs_each_request(dev, capsys):
-    loop, kernel, _, _, _ = dev
+    loop, kernel, _, _ = dev
     loop.debug = True
     kernel.send(lookup_kho(4))
     kernel.send(bytes(req(999, 1, unique=5)[0]))
     kernel.shutdown(socket.SHUT_WR)
-    trio.run(loop.run)
+    loop.run()
     err = capsys.readouterr().err
     assert "unique 4 LOOKUP nodeid 1: 128 bytes" in err
     assert "unique 5 999 nodeid 1: error 38" in err
