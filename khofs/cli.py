@@ -4,7 +4,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -176,6 +175,7 @@ def cmd_umount(args) -> int:
         _err(f"{args.mountpoint} is a {mounted[0]} mount, not khofs")
         return EXIT_FAIL
     if mounted:
+        import subprocess       # not at the top: every mount would pay for it
         r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
         if r.returncode != 0:
             if "not connected" in r.stderr or not (info and runtime.pid_alive(info.get("pid", 0))):
@@ -225,6 +225,7 @@ def _load_blob(path: str) -> bytes:
     if data[:4] == b"\xd0\x0d\xfe\xed":
         return data
     # DTS text: compile with dtc so the bytes are exactly what `dtc -I dts -O dtb` gives.
+    import subprocess
     r = subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-o", "-", "-"], input=data,
                        capture_output=True)
     if r.returncode != 0:
