@@ -1,0 +1,75 @@
+"""The daemon's control path: a request runs on the loop's thread, the kernel forgets what
+it removed before the reply, and a request that comes as the loop ends is refused."""
+
+import errno
+import json
+import socket
+import threading
+
+import pytest
+
+from khofs import fuseloop
+from khofs.daemon import Daemon
+from khofs.fuse import ROOT_INODE
+from khofs.host import Host
+from khofs.kernel.machine import MachineConfig
+
+
+class Notes:
+    """Stands in for the libfuse session: records the invalidations."""
+
+    def __init__(self):
+        self.entries, self.attrs, self.threads = [], [], set()
+
+    def invalidate_entry(self, parent, name):
+        self.threads.add(threading.current_thread())
+        self.entries.append((parent, name))
+        return 0
+
+    def invalidate_attr(self, ino):
+        self.attrs.append(ino)
+        return 0
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    d = Daemon(str(tmp_path), Host.boot("kho=on", MachineConfig()))
+    d.session = Notes()
+    d.loop = fuseloop.Loop(ours.fileno(), d.fuse, lambda entries: None)
+    yield d
+    d.loop.close()
+    ours.close()
+    kernel.close()
+
+
+def request(d, **req):
+    return d._control_request(json.dumps(req).encode())
+
+
+def test_kexec_makes_the_kernel_forget_the_old_boot_before_the_reply(daemon):
+    t = threading.Thread(target=daemon.loop.run, daemon=True)
+    t.start()
+    ran_on = []
+    assert daemon.loop.call(lambda: ran_on.append(threading.current_thread())) is None
+    assert ran_on == [t]
+    out_ino, kho_ino = daemon.host.tree.out.ino, daemon.host.tree.out.parent.ino
+    assert request(daemon, cmd="kexec")["ok"]
+    notes = daemon.session
+    # The old boot's entries, from kho/ down, and the root's attributes (its link count).
+    assert notes.entries[:2] == [(ROOT_INODE, b"kho"), (kho_ino, b"out")]
+    assert sorted(notes.entries[2:]) == sorted((out_ino, name) for name in (
+        b"sub_fdts", b"scratch_phys", b"scratch_len", b"finalize"))
+    assert notes.attrs == [ROOT_INODE]
+    assert t not in notes.threads          # invalidated beside the loop, not on it
+    daemon.loop.terminate()
+    t.join(10)
+
+
+def test_a_request_as_the_loop_ends_is_refused_and_changes_nothing(daemon):
+    daemon.loop.terminate()
+    daemon.loop.run()                      # returns at once
+    r = request(daemon, cmd="mem_alloc", size=4096)
+    assert r["ok"] is False and r["errno"] == errno.ESHUTDOWN and r["error"] == "ESHUTDOWN"
+    assert daemon.control.user_allocs == {}
+    assert daemon.session.entries == []
