@@ -110,6 +110,10 @@ class PhysMem:
 
     def read(self, phys: int, size: int) -> bytes:
         self.check_range(phys, size)
+        pfn, off = divmod(phys, PAGE_SIZE)
+        if off + size <= PAGE_SIZE:         # within one page: most reads of a blob file
+            page = self.pages.get(pfn)
+            return bytes(page[off:off + size]) if page is not None else bytes(size)
         out = bytearray()
         while size > 0:
             pfn, off = divmod(phys, PAGE_SIZE)
