@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 
 from .host import Host
@@ -262,18 +263,31 @@ class Server:
         finally:
             os.umask(old)
         self.sock.listen(16)
+        self.closed = False
         threading.Thread(target=self._accept, name="khofs-control", daemon=True).start()
 
     def _accept(self) -> None:
-        while True:
+        while not self.closed:
             try:
                 conn, _ = self.sock.accept()
             except InterruptedError:
                 continue
-            except OSError:
-                return          # closed
-            threading.Thread(target=self._serve, args=(conn,), name="khofs-control-conn",
-                             daemon=True).start()
+            except OSError as e:
+                if self.closed:
+                    return
+                self._retry(e)      # out of fds for now: serve again once some are free
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="khofs-control-conn",
+                                 daemon=True).start()
+            except RuntimeError as e:
+                conn.close()
+                self._retry(e)
+
+    @staticmethod
+    def _retry(e) -> None:
+        print(f"khofs: control socket: {e}; retrying", file=sys.stderr, flush=True)
+        time.sleep(0.1)
 
     def _send(self, conn, reply) -> bool:
         try:
@@ -306,6 +320,7 @@ class Server:
                     return
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)     # wakes the accepting thread
         except OSError:

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 
 from . import control, fuseloop, runtime
 from .fuse import ROOT_INODE, KhoFuse, invalidate
@@ -66,6 +67,7 @@ class Daemon:
         self.loop = fuseloop.Loop(self.session.fd, self.fuse,
                                   lambda entries: invalidate(self.session, entries),
                                   self.debug_fuse)
+        self.loop.pending = self.session.busy
 
     def _control_request(self, line: bytes) -> dict:
         """In a control connection's thread: the request runs on the loop's thread; then,
@@ -76,6 +78,11 @@ class Daemon:
         except fuseloop.LoopStopped:
             return {"ok": False, "errno": errno.ESHUTDOWN, "error": "ESHUTDOWN",
                     "message": "the daemon is unmounting"}
+        except Exception:
+            # A bug must not leave the client without a reply: log it, answer EIO.
+            log(f"khofs: internal error in a control request:\n{traceback.format_exc()}")
+            return {"ok": False, "errno": errno.EIO, "error": "EIO",
+                    "message": "internal error (see the daemon's log)"}
         if stale or removed:
             invalidate(self.session, stale + removed, [ROOT_INODE] if stale else [])
         return reply
@@ -106,10 +113,13 @@ class Daemon:
                 log(f"khofs: signal {self.signalled}: unmounting")
             sd_notify("STOPPING=1")
         finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)     # a second signal ends a stuck cleanup
             if self.server is not None:
                 self.server.close()
             if self.session is not None:
                 self.session.close()
+            self.loop.close()
             runtime.remove_info(self.mountpoint)
 
 

@@ -20,6 +20,7 @@ from . import fuse
 
 SPIN_SECONDS = 100e-6     # how long to poll before sleeping
 YIELD_EVERY = 128         # run other threads' work at least this often
+DRAIN_SECONDS = 5.0       # the longest the loop answers after terminate() for invalidations
 # libfuse's buffer: the kernel refuses reads into less than a whole request (max_write 1 MiB).
 BUFSIZE = 256 * 4096 + 4096
 
@@ -35,6 +36,9 @@ class Loop:
         self.fd, self.server, self.invalidate, self.debug = fd, server, invalidate, debug
         self.stopping = False
         self.waiting = 0        # answers waiting for an invalidation
+        self.pending = lambda: 0    # other invalidations in flight (the session's count)
+        self._drain_deadline = None
+        self._on_signals = False
         self._calls = collections.deque()
         self.wake_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll = select.epoll(2)
@@ -56,19 +60,27 @@ class Loop:
 
     def call(self, fn, *args):
         """Run fn(*args) on the loop's thread and return what it returns (or raise what it
-        raised). Raises LoopStopped if the loop ends first."""
-        done, box = threading.Event(), []
+        raised). Raises LoopStopped if the loop is ending and fn has not started; once
+        started, fn runs to the end and its result is returned."""
+        done, box, lock, state = threading.Event(), [], threading.Lock(), {}
 
         def run():
+            with lock:
+                if state.get("cancelled"):
+                    return
+                state["started"] = True
             try:
                 box.append((True, fn(*args)))
             except BaseException as e:
                 box.append((False, e))
             done.set()
         self.submit(run)
-        while not done.wait(0.5):
+        while not done.wait(0.05 if self.stopping else 0.5):
             if self.stopping:
-                raise LoopStopped()
+                with lock:
+                    if not state.get("started"):
+                        state["cancelled"] = True
+                        raise LoopStopped()
         ok, value = box[0]
         if ok:
             return value
@@ -82,8 +94,11 @@ class Loop:
     def wake_on_signals(self) -> None:
         """A signal arriving while the loop sleeps wakes it (its handler runs at once)."""
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._on_signals = True
 
     def close(self) -> None:
+        if self._on_signals:
+            signal.set_wakeup_fd(-1)
         self._poll.close()
         os.close(self.wake_fd)
         os.close(self._wake_w)
@@ -118,7 +133,7 @@ class Loop:
                 except BlockingIOError:
                     pass
         calls = self._calls
-        while calls and not self.stopping:
+        while calls:
             fn, args = calls.popleft()
             fn(*args)
 
@@ -161,8 +176,16 @@ class Loop:
         print(f"khofs: fuse: unique {unique} {name} nodeid {nodeid}: {out}",
               file=sys.stderr, flush=True)
 
+    def _drained(self) -> bool:
+        """After terminate(): whether to stop now. The kernel may still need answers for
+        an invalidation in flight to finish (a request holding a lock it waits for), so
+        the loop goes on answering until none is left, or DRAIN_SECONDS have passed."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + DRAIN_SECONDS
+        return not (self.waiting or self.pending()) or time.monotonic() > self._drain_deadline
+
     def run(self) -> None:
-        """Answer requests until terminate(), the unmount, or the fd's end."""
+        """Answer requests until terminate() (then drained), the unmount, or the fd's end."""
         self.thread = threading.current_thread()
         fd, server = self.fd, self.server
         handle, write = server.handle, os.write
@@ -170,7 +193,7 @@ class Loop:
         buf = bytearray(BUFSIZE)
         quick = 0
         try:
-            while not self.stopping:
+            while not (self.stopping and self._drained()):
                 try:
                     n = self._read(buf)
                 except InterruptedError:
@@ -183,7 +206,7 @@ class Loop:
                     raise
                 if n is None:
                     quick = 0
-                    self._park()
+                    self._park(0.05 if self.stopping else -1)
                     continue
                 if n < fuse.HDR:        # 0: the fd was closed under us
                     break

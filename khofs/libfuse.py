@@ -124,13 +124,18 @@ class Session:
         _libfuse().fuse_session_process_buf(self._se, ctypes.byref(
             _Buf(n, 0, ctypes.addressof(buf))))
 
+    def busy(self) -> int:
+        """Invalidations in flight in other threads."""
+        return self._busy
+
     def _notify(self, call, *args) -> int:
         with self._lock:
             if self._closed:
                 return -errno.ENODEV
             self._busy += 1
+            se = self._se
         try:
-            return call(self._se, *args)
+            return call(se, *args)
         finally:
             with self._lock:
                 self._busy -= 1
@@ -145,8 +150,8 @@ class Session:
         return self._notify(_libfuse().fuse_lowlevel_notify_inval_inode, ino, -1, 0)
 
     def close(self) -> None:
-        """Unmount and free the session. An invalidation still blocked in another thread
-        keeps the session alive: the process's exit closes its fd."""
+        """Unmount and free the session; not freed while an invalidation is still in flight
+        in another thread (the process is about to exit)."""
         if self._se is None:
             return
         lib = _libfuse()

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from khofs import fuseloop
+from khofs import control, fuseloop
 from khofs.daemon import Daemon
 from khofs.fuse import ROOT_INODE
 from khofs.host import Host
@@ -73,3 +73,40 @@ def test_a_request_as_the_loop_ends_is_refused_and_changes_nothing(daemon):
     assert r["ok"] is False and r["errno"] == errno.ESHUTDOWN and r["error"] == "ESHUTDOWN"
     assert daemon.control.user_allocs == {}
     assert daemon.session.entries == []
+
+
+def test_a_failing_request_gets_eio_and_the_next_is_served(daemon, monkeypatch):
+    t = threading.Thread(target=daemon.loop.run, daemon=True)
+    t.start()
+    real = daemon.control.handle_line
+
+    def broken(line):
+        monkeypatch.setattr(daemon.control, "handle_line", real)
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(daemon.control, "handle_line", broken)
+    r = request(daemon, cmd="status")
+    assert r["ok"] is False and r["errno"] == errno.EIO and r["error"] == "EIO"
+    assert request(daemon, cmd="status")["ok"]
+    daemon.loop.terminate()
+    t.join(10)
+
+
+def test_control_socket_keeps_accepting_after_running_out_of_fds(tmp_path, monkeypatch):
+    real_accept = socket.socket.accept
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def accept(self):
+        if failures:
+            raise failures.pop()
+        return real_accept(self)
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    server = control.Server(str(tmp_path / "sock"), lambda line: {"ok": True, "echo": line.decode()})
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(10)
+            c.connect(str(tmp_path / "sock"))
+            c.sendall(b"hi\n")
+            assert json.loads(c.makefile().readline()) == {"ok": True, "echo": "hi"}
+        assert failures == []
+    finally:
+        server.close()

@@ -178,3 +178,48 @@ def test_debug_logs_each_request(dev, capsys):
     err = capsys.readouterr().err
     assert "unique 4 LOOKUP nodeid 1: 128 bytes" in err
     assert "unique 5 999 nodeid 1: error 38" in err
+
+
+def test_a_call_that_started_finishes_and_returns_though_the_loop_is_ending(dev):
+    loop, _, _, _ = dev
+    t = running(loop)
+    started, finish = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        assert finish.wait(10)
+        return "done"
+    got = []
+    caller = threading.Thread(target=lambda: got.append(loop.call(slow)))
+    caller.start()
+    assert started.wait(10)
+    loop.terminate()                    # while slow() runs on the loop's thread
+    threading.Event().wait(0.2)
+    finish.set()
+    caller.join(10)
+    t.join(10)
+    assert got == ["done"] and not t.is_alive()
+
+
+def test_terminate_keeps_answering_while_invalidations_are_in_flight(dev):
+    loop, kernel, _, _ = dev
+    in_flight = [1]
+    loop.pending = lambda: in_flight[0]
+    t = running(loop)
+    loop.terminate()
+    kernel.send(lookup_kho(7))          # the request an invalidation waits on
+    assert replies(kernel, 1)[0][:2] == (0, 7)
+    assert t.is_alive()
+    in_flight[0] = 0
+    t.join(10)
+    assert not t.is_alive()
+
+
+def test_draining_ends_after_its_deadline(dev, monkeypatch):
+    loop, _, _, _ = dev
+    monkeypatch.setattr(fuseloop, "DRAIN_SECONDS", 0.2)
+    loop.pending = lambda: 1            # never finishes
+    loop.terminate()
+    t = running(loop)
+    t.join(10)
+    assert not t.is_alive()
