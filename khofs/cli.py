@@ -134,14 +134,6 @@ def _mount_background(args, mnt) -> int:
             sys.stderr.flush()
             os._exit(code)
     os.close(wfd)
-
-    class _Proc:
-        returncode = None
-
-        @staticmethod
-        def wait():
-            _Proc.returncode = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    proc = _Proc
     ok = False
     with os.fdopen(rfd) as r:
         for line in r:
@@ -157,8 +149,8 @@ def _mount_background(args, mnt) -> int:
                 ok = True
                 break
     if not ok:
-        proc.wait()
-        _err(f"the daemon exited (status {proc.returncode}) before the mount was ready; log: {log_path}")
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        _err(f"the daemon exited (status {status}) before the mount was ready; log: {log_path}")
         return EXIT_FAIL
     return EXIT_OK
 

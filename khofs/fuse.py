@@ -50,7 +50,6 @@ OUT_HEADER = struct.Struct("<IiQ")             # len error unique
 ATTR = struct.Struct("<QQQqqqIIIIIIIIII")      # fuse_attr
 ENTRY_OUT = struct.Struct("<QQQQII")           # before the fuse_attr
 ATTR_OUT = struct.Struct("<QII")
-OPEN_OUT = struct.Struct("<QIi")
 OPEN_REPLY = struct.Struct("<IiQQIi")            # fuse_out_header + fuse_open_out
 READ_IN = struct.Struct("<QQI")                # fh offset size (also fuse_write_in's start)
 WRITE_IN_SIZE = 40
@@ -282,7 +281,7 @@ class KhoFuse:
         fh = self._fh()
         self.dir_handles[fh] = [node, self._dir_entries(node)]
         self._opened = (unique, fh)
-        return _ok(unique, OPEN_OUT.pack(fh, 0, 0))
+        return OPEN_REPLY.pack(OPEN_REPLY.size, 0, unique, fh, 0, 0)
 
     def _dir_entries(self, node):
         return [(".", node), ("..", node.parent)] + [(c.name, c) for c in self.tree.listdir(node)]

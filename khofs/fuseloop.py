@@ -17,12 +17,11 @@ import threading
 import time
 
 from . import fuse
+from .libfuse import BUFSIZE
 
 SPIN_SECONDS = 100e-6     # how long to poll before sleeping
 YIELD_EVERY = 128         # run other threads' work at least this often
 DRAIN_SECONDS = 5.0       # the longest the loop answers after terminate() for invalidations
-# libfuse's buffer: the kernel refuses reads into less than a whole request (max_write 1 MiB).
-BUFSIZE = 256 * 4096 + 4096
 
 
 class LoopStopped(Exception):
@@ -40,11 +39,10 @@ class Loop:
         self._drain_deadline = None
         self._on_signals = False
         self._calls = collections.deque()
-        self.wake_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll = select.epoll(2)
         self._poll.register(fd, select.EPOLLIN)
-        self._poll.register(self.wake_fd, select.EPOLLIN)
-        self.thread = None      # the thread running run()
+        self._poll.register(self._wake_r, select.EPOLLIN)
 
     # -- from any thread ---------------------------------------------------------------
     def wake(self) -> None:
@@ -100,7 +98,7 @@ class Loop:
         if self._on_signals:
             signal.set_wakeup_fd(-1)
         self._poll.close()
-        os.close(self.wake_fd)
+        os.close(self._wake_r)
         os.close(self._wake_w)
 
     # -- on the loop's thread --------------------------------------------------------------
@@ -127,9 +125,9 @@ class Loop:
         if self._calls:
             timeout = 0
         for fd, _ in self._poll.poll(timeout):
-            if fd == self.wake_fd:
+            if fd == self._wake_r:
                 try:
-                    os.read(self.wake_fd, 4096)
+                    os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
         calls = self._calls
@@ -186,7 +184,6 @@ class Loop:
 
     def run(self) -> None:
         """Answer requests until terminate() (then drained), the unmount, or the fd's end."""
-        self.thread = threading.current_thread()
         fd, server = self.fd, self.server
         handle, write = server.handle, os.write
         os.set_blocking(fd, False)
