@@ -58,13 +58,16 @@ class File(Node):
 
 
 class Handle:
+    __slots__ = ("node",)
+
     def __init__(self, node: File):
         self.node = node
 
     def _live(self):
         # debugfs_file_get() fails once the file was removed (e.g. out/fdt after an abort).
-        self.node.tree.sync()
-        if self.node.gone:
+        node = self.node
+        node.tree.sync()
+        if node.gone:
             raise KernelError(errno.EIO, "the file was removed")
 
     def read(self, off: int, size: int) -> bytes:
@@ -91,6 +94,8 @@ class ShowFile(File):
 
 
 class ShowHandle(Handle):
+    __slots__ = ()
+
     def read(self, off, size):
         self._live()
         return self.node.text_fn()[off:off + size]
@@ -113,8 +118,10 @@ class AttrFile(File):
 
 
 class AttrHandle(Handle):
+    __slots__ = ("get_buf",)
+
     def __init__(self, node):
-        super().__init__(node)
+        self.node = node
         self.get_buf = b""
 
     def read(self, off, size):
@@ -145,6 +152,8 @@ class BlobFile(File):
 
 
 class BlobHandle(Handle):
+    __slots__ = ()
+
     def read(self, off, size):
         self._live()
         b = self.node.blob
@@ -178,7 +187,8 @@ class Tree:
         self._blob_gen = -1
         self._removed: list[tuple] = []
         self._index: dict[int, tuple] = {}
-        kho_out = machine.kho_out
+        # Read on every request: whether the blob list changed since the last look.
+        self._kho_out = kho_out = machine.kho_out
         if kho_out is None:
             return
         self.kho = self._add(Dir(self, "kho", self.root, self._kho_children))
@@ -256,13 +266,16 @@ class Tree:
 
     # -- lookups -----------------------------------------------------------------
     def sync(self) -> None:
-        if self.kho is not None:
+        kho_out = self._kho_out
+        if kho_out is not None and kho_out.generation != self._blob_gen:
             self._sync_blobs()
 
     def get(self, ino: int, removed_ok: bool = False) -> Node:
         """The node of an inode; a removed one only if removed_ok (an open file outlives
         its removal: fstat still works, with nlink 0)."""
-        self.sync()
+        kho_out = self._kho_out
+        if kho_out is not None and kho_out.generation != self._blob_gen:
+            self._sync_blobs()
         node = self.nodes.get(ino)
         if node is None or (node.gone and not removed_ok):
             raise KernelError(errno.ENOENT)

@@ -102,20 +102,18 @@ class Loop:
         os.close(self._wake_w)
 
     # -- on the loop's thread --------------------------------------------------------------
-    def _read(self, buf):
-        """One request's length, or None if none came while polling."""
+    def _spin(self, bufs):
+        """After a read found nothing: one request's length, or None if none came while
+        polling."""
+        if self.waiting or self._calls:
+            return None     # sleep at once: other threads' work is due
         fd, readv = self.fd, os.readv
-        try:
-            return readv(fd, [buf])
-        except BlockingIOError:
-            if self.waiting or self._calls:
-                return None     # sleep at once: other threads' work is due
         perf_counter, sched_yield = time.perf_counter, os.sched_yield
         deadline = perf_counter() + SPIN_SECONDS
         while perf_counter() < deadline:
             sched_yield()
             try:
-                return readv(fd, [buf])
+                return readv(fd, bufs)
             except BlockingIOError:
                 continue
         return None
@@ -185,14 +183,18 @@ class Loop:
     def run(self) -> None:
         """Answer requests until terminate() (then drained), the unmount, or the fd's end."""
         fd, server = self.fd, self.server
-        handle, write = server.handle, os.write
+        handle, readv, write = server.handle, os.readv, os.write
         os.set_blocking(fd, False)
         buf = bytearray(BUFSIZE)
+        bufs = [buf]
         quick = 0
         try:
             while not (self.stopping and self._drained()):
                 try:
-                    n = self._read(buf)
+                    try:
+                        n = readv(fd, bufs)
+                    except BlockingIOError:
+                        n = self._spin(bufs)
                 except InterruptedError:
                     continue
                 except OSError as e:
