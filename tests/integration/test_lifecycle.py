@@ -98,6 +98,18 @@ def test_signal_daemon_unmounts_itself(mount_khofs, sig):
     assert os.listdir(m.path) == []
 
 
+def test_daemon_leaves_the_callers_job_but_stays_in_its_session(mount_khofs):
+    m = mount_khofs(cmdline="kho=on")
+    pid = daemon_pid(m)
+    # A Ctrl-C or hangup sent to the job that ran `khofs mount` does not reach the daemon.
+    assert os.getpgid(pid) == pid != os.getpgid(0)
+    # The same session, so the same scheduling autogroup as the caller reading its files.
+    assert os.getsid(pid) == os.getsid(0)
+    if os.path.exists("/proc/self/autogroup"):
+        with open(f"/proc/{pid}/autogroup") as a, open("/proc/self/autogroup") as b:
+            assert a.read().split()[0] == b.read().split()[0]
+
+
 def test_debug_fuse_logs_the_negotiated_connection_and_each_request(mount_khofs):
     m = mount_khofs("--debug-fuse", cmdline="kho=on")
     assert os.listdir(m.kho) == ["out"]     # a first boot has no kho/in
