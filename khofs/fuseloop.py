@@ -9,6 +9,7 @@ sleeps in epoll only when nothing came (and looks at other threads' work at leas
 
 import collections
 import errno
+import io
 import os
 import select
 import signal
@@ -102,20 +103,18 @@ class Loop:
         os.close(self._wake_w)
 
     # -- on the loop's thread --------------------------------------------------------------
-    def _spin(self, bufs):
+    def _spin(self, readinto, buf):
         """After a read found nothing: one request's length, or None if none came while
         polling."""
         if self.waiting or self._calls:
             return None     # sleep at once: other threads' work is due
-        fd, readv = self.fd, os.readv
         perf_counter, sched_yield = time.perf_counter, os.sched_yield
         deadline = perf_counter() + SPIN_SECONDS
         while perf_counter() < deadline:
             sched_yield()
-            try:
-                return readv(fd, bufs)
-            except BlockingIOError:
-                continue
+            n = readinto(buf)
+            if n is not None:
+                return n
         return None
 
     def _park(self, timeout: float = -1) -> None:
@@ -183,20 +182,19 @@ class Loop:
     def run(self) -> None:
         """Answer requests until terminate() (then drained), the unmount, or the fd's end."""
         fd, server = self.fd, self.server
-        handle, readv, write = server.handle, os.readv, os.write
+        handle, write = server.handle, os.write
         os.set_blocking(fd, False)
+        # A raw file's readinto() answers None where the fd has nothing (EAGAIN): no
+        # exception to raise and catch between requests.
+        readinto = io.FileIO(fd, "r", closefd=False).readinto
         buf = bytearray(BUFSIZE)
-        bufs = [buf]
         quick = 0
         try:
             while not (self.stopping and self._drained()):
                 try:
-                    try:
-                        n = readv(fd, bufs)
-                    except BlockingIOError:
-                        n = self._spin(bufs)
-                except InterruptedError:
-                    continue
+                    n = readinto(buf)
+                    if n is None:
+                        n = self._spin(readinto, buf)
                 except OSError as e:
                     if e.errno == errno.ENOENT:     # the request was interrupted before we read it
                         continue
