@@ -120,7 +120,6 @@ def _mount_background(args, mnt) -> int:
         code = EXIT_FAIL
         try:
             os.close(rfd)
-            os.setpgid(0, 0)
             devnull = os.open(os.devnull, os.O_RDONLY)
             logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(devnull, 0)
@@ -128,6 +127,9 @@ def _mount_background(args, mnt) -> int:
             os.dup2(logfd, 2)
             os.close(devnull)
             os.close(logfd)
+            # Only once nothing can reach the terminal: a background group writing to it
+            # would be stopped (SIGTTOU under `stty tostop`) with the parent waiting.
+            os.setpgid(0, 0)
             args.ready_fd = wfd
             code = _mount_foreground(args, mnt)
         except BaseException:
