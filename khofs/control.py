@@ -270,8 +270,6 @@ class Server:
         while not self.closed:
             try:
                 conn, _ = self.sock.accept()
-            except InterruptedError:
-                continue
             except OSError as e:
                 if self.closed:
                     return

@@ -233,12 +233,9 @@ class Tree:
 
     def _sync_blobs(self):
         """Create nodes for new kho_out blobs; mark vanished ones gone."""
-        gen = self.machine.kho_out.generation
-        if gen == self._blob_gen:
-            return
-        self._blob_gen = gen
+        self._blob_gen = self._kho_out.generation
         live = {}
-        for dirname, blob in self.machine.kho_out.fdt_list:
+        for dirname, blob in self._kho_out.fdt_list:
             key = (dirname, blob.seq)
             node = self.blob_nodes.get(key)
             if node is None:
@@ -252,7 +249,7 @@ class Tree:
         self.blob_nodes = live
 
     def _blob_children(self, dirname):
-        self._sync_blobs()
+        self.sync()
         return [n for (d, _), n in self.blob_nodes.items() if d == dirname]
 
     def _out_children(self):
@@ -266,6 +263,7 @@ class Tree:
 
     # -- lookups -----------------------------------------------------------------
     def sync(self) -> None:
+        """Catch up with kho_out's blob list, if it changed since the last look."""
         kho_out = self._kho_out
         if kho_out is not None and kho_out.generation != self._blob_gen:
             self._sync_blobs()
@@ -273,9 +271,7 @@ class Tree:
     def get(self, ino: int, removed_ok: bool = False) -> Node:
         """The node of an inode; a removed one only if removed_ok (an open file outlives
         its removal: fstat still works, with nlink 0)."""
-        kho_out = self._kho_out
-        if kho_out is not None and kho_out.generation != self._blob_gen:
-            self._sync_blobs()
+        self.sync()
         node = self.nodes.get(ino)
         if node is None or (node.gone and not removed_ok):
             raise KernelError(errno.ENOENT)

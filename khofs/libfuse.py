@@ -115,12 +115,7 @@ class Session:
         """Read the kernel's INIT and let libfuse answer it (the connection's parameters,
         which libfuse keeps for the invalidations it sends later)."""
         buf = ctypes.create_string_buffer(BUFSIZE)
-        while True:
-            try:
-                n = os.readv(self.fd, [memoryview(buf).cast("B")])
-                break
-            except InterruptedError:
-                continue
+        n = os.readv(self.fd, [memoryview(buf).cast("B")])
         _libfuse().fuse_session_process_buf(self._se, ctypes.byref(
             _Buf(n, 0, ctypes.addressof(buf))))
 

@@ -34,7 +34,6 @@ class Blob:
     phys: int
     size: int
     seq: int = 0
-    generation: int = 0      # bumped whenever fdt_list changes
 
 
 @dataclass

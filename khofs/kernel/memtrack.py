@@ -189,13 +189,13 @@ class MapError(Exception):
     """The serialized memory map cannot be walked."""
 
 
-def walk_memory_map(mem: PhysMem, first: int, bits: int, max_chunks: int = 1 << 20):
+def walk_memory_map(mem: PhysMem, first: int, bits: int):
     """The next kernel's reader: yields (order, phys, size) runs of preserved blocks.
 
     Consecutive set bits (also across bitmaps) become one run of blocks of one order.
     """
     pending = None
-    for run in _walk_bitmaps(mem, first, bits, max_chunks):
+    for run in _walk_bitmaps(mem, first, bits):
         if pending and pending[0] == run[0] and pending[1] + pending[2] == run[1]:
             pending = (pending[0], pending[1], pending[2] + run[2])
             continue
@@ -206,11 +206,11 @@ def walk_memory_map(mem: PhysMem, first: int, bits: int, max_chunks: int = 1 << 
         yield pending
 
 
-def iter_chunks(mem: PhysMem, first: int, max_chunks: int = 1 << 20):
+def iter_chunks(mem: PhysMem, first: int):
     """(phys, (next, order, num_elms), page) of each khoser_mem_chunk, in list order.
 
-    Raises MapError at a chunk that is not a page of memory, a loop, or a list too long:
-    where the kernel would fault or never end.
+    Raises MapError at a chunk that is not a page of memory, or a loop: where the kernel
+    would fault or never end (each chunk a distinct page, so the walk is bounded).
     """
     phys = first
     seen = set()
@@ -220,8 +220,6 @@ def iter_chunks(mem: PhysMem, first: int, max_chunks: int = 1 << 20):
         if phys in seen:
             raise MapError(f"chunk list loops back to {phys:#x}")
         seen.add(phys)
-        if len(seen) > max_chunks:
-            raise MapError("chunk list does not end")
         page = mem.read(phys, PAGE_SIZE)
         hdr = CHUNK_HDR.unpack_from(page)
         yield phys, hdr, page
@@ -233,9 +231,9 @@ def chunk_elements(page: bytes, num: int):
     return [CHUNK_ELM.unpack_from(page, CHUNK_HDR.size + i * CHUNK_ELM.size) for i in range(num)]
 
 
-def _walk_bitmaps(mem: PhysMem, first: int, bits: int, max_chunks: int):
+def _walk_bitmaps(mem: PhysMem, first: int, bits: int):
     bitmap_bytes = bits // 8
-    for phys, (_, order, num), page in iter_chunks(mem, first, max_chunks):
+    for phys, (_, order, num), page in iter_chunks(mem, first):
         if num > KHOSER_BITMAP_SIZE:
             raise MapError(f"chunk at {phys:#x} claims {num} bitmaps (at most {KHOSER_BITMAP_SIZE})")
         if order > 64 - PAGE_SHIFT:
