@@ -105,8 +105,6 @@ class Machine:
         self.pages = PageAllocator(self.mem, self.memblock, [(a, a + s) for a, s in self.scratch])
         self.kmalloc = Kmalloc(self.pages)
         self.kho_out = None
-        if self.kho_in is not None:
-            self.kho_in.blobs = sub_fdt_entries(self.mem, self.kho_in.fdt_phys, self.warn)
         if self.kho_enable:
             try:
                 self.kho_out = KhoOut(self.mem, self.pages, self.kmalloc, self.profile, self.log_line)
@@ -118,6 +116,9 @@ class Machine:
                 # kernel says nothing; the line says why the tree is missing.
                 self.kho_enable = False
                 self.warn("khofs: kho_init: no free page for the root FDT (-ENOMEM), KHO disabled")
+        if self.kho_enable and self.kho_in is not None:
+            # kho_in_debugfs_init(), at the end of a kho_init() that got this far.
+            self.kho_in.blobs = sub_fdt_entries(self.mem, self.kho_in.fdt_phys, self.warn)
         if self.kho_enable:
             if self.test_kho:
                 self._test_kho_init()

@@ -26,8 +26,8 @@ def first_chunk(m):
     return int.from_bytes(getprop(page, 0, PROP_PRESERVED_MEMORY_MAP), "little")
 
 
-def next_boot(m):
-    m.kexec_load()
+def next_boot(m, cmdline=None):
+    m.kexec_load(cmdline)
     ho = m.kexec_exec()
     return Machine(ho.cmdline, MachineConfig(**ho.config), handover=ho)
 
@@ -88,3 +88,13 @@ def test_sub_fdt_running_past_memory_is_reported():
     nxt = next_boot(m)
     assert nxt.kho_in is not None
     assert any("runs past the end of memory" in t for t in texts(nxt))
+
+
+def test_kho_off_next_boot_does_not_look_at_sub_fdts():
+    # kho_in_debugfs_init() runs only at the end of kho_init(), which kho=off skips.
+    m = finalized()
+    sub = m.kho_out.blobs("sub_fdts")[0]
+    m.mem.write(sub.phys + 4, struct.pack(">I", 0x7FFFFFFF))
+    nxt = next_boot(m, "kho=off")
+    assert nxt.kho_in is not None and nxt.kho_out is None
+    assert not any("sub-FDT" in t for t in texts(nxt))
