@@ -1,5 +1,6 @@
 """Number and boolean parsing with the kernel's rules (lib/kstrtox.c, lib/cmdline.c)."""
 
+from .cmdline import cmdline_bytes
 from .errors import KernelError
 import errno
 
@@ -91,7 +92,7 @@ def kstrtobool(s) -> bool:
     if s is None:
         raise KernelError(errno.EINVAL, "no value")
     if isinstance(s, str):
-        s = s.encode()
+        s = cmdline_bytes(s)
     c0 = s[:1]
     if c0 and c0 in b"eEyYtT1":
         return True
@@ -123,7 +124,7 @@ _SUFFIX_SHIFT = {b"k": 10, b"m": 20, b"g": 30, b"t": 40, b"p": 50, b"e": 60}
 def memparse(s) -> tuple[int, int]:
     """memparse: a number with an optional K/M/G/T/P/E suffix. Returns (value, consumed)."""
     if isinstance(s, str):
-        s = s.encode()
+        s = cmdline_bytes(s)
     val, n = simple_strtoull(s, 0)
     # The suffix is looked at even when no digit was read, as the kernel does.
     shift = _SUFFIX_SHIFT.get(s[n:n + 1].lower())

@@ -4,6 +4,7 @@ import errno
 import struct
 from dataclasses import dataclass
 
+from .cmdline import cmdline_bytes
 from .errors import KernelError
 from .kstrtox import _show, kstrtouint, memparse, U64_MASK
 from .physmem import (ARCH_LOW_ADDRESS_LIMIT, CMA_MIN_ALIGNMENT_BYTES, MEMBLOCK_ALLOC_ANYWHERE,
@@ -33,7 +34,7 @@ def parse_kho_scratch(val, cfg: ScratchConfig, strict: bool) -> str:
     """
     if val is None or val == "":
         raise KernelError(errno.EINVAL, "kho_scratch needs a value")
-    p = val.encode() if isinstance(val, str) else val
+    p = cmdline_bytes(val) if isinstance(val, str) else val
     if p.endswith(b"%"):
         if len(p) > 11:
             raise KernelError(errno.EINVAL, "scale has more than 10 digits")

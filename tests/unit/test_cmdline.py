@@ -75,8 +75,22 @@ def test_split_whitespace_only():
 def test_split_on_kernel_isspace_only():
     # \x1c-\x1f are Python whitespace but control characters to the kernel's ctype.
     assert split_cmdline("a\x1cb\vc\x1fd\re") == [("a\x1cb", None), ("c\x1fd", None), ("e", None)]
-    # 0xa0 is space in the kernel's Latin-1 table.
-    assert split_cmdline("kho=on\xa0quiet") == [("kho", "on"), ("quiet", None)]
+    # The byte 0xa0 is space in the kernel's Latin-1 table (Python shows a byte from argv
+    # that is not UTF-8 as a surrogate).
+    assert split_cmdline("kho=on\udca0quiet") == [("kho", "on"), ("quiet", None)]
+
+
+def test_split_works_on_the_utf8_bytes():
+    # U+00A0 reaches the kernel as c2 a0: the word ends after c2. U+00E0 is c3 a0.
+    assert split_cmdline("kho=on\u00a0quiet") == [("kho", "on\udcc2"), ("quiet", None)]
+    assert split_cmdline("a\u00e0b") == [("a\udcc3", None), ("b", None)]
+
+
+def test_bytes_that_are_not_utf8_are_parameters_like_any_other():
+    m = boot("kho=on\udcff kho=on reserve_mem=1M:64:\u00a0")
+    assert m.kho_out is not None
+    assert len(m.reserve_mem) == 1          # the name is the byte c2: not blank
+    assert boot("kho=on reserve_mem=1M:64:\udca0").reserve_mem == []      # a0 alone is
 
 
 def test_reserve_mem_name_of_control_characters_is_text():

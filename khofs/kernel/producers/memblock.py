@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ..errors import KernelError
 from ..fdt import PageFdtSw, u64
 from ..kho import KhoOut, Producer
-from ..cmdline import kisspace
+from ..cmdline import cmdline_bytes, kisspace
 from ..kstrtox import memparse
 from ..physmem import PAGE_SHIFT, PAGE_SIZE, SMP_CACHE_BYTES, Memblock
 
@@ -31,7 +31,7 @@ def parse_reserve_mem(val, table: list, memblock: Memblock, revive=None) -> Rese
         raise KernelError(errno.EINVAL, "reserve_mem needs a value")
     if len(table) >= RESERVE_MEM_MAX_ENTRIES:
         raise KernelError(errno.EBUSY, f"at most {RESERVE_MEM_MAX_ENTRIES} reserve_mem entries")
-    p = val.encode()
+    p = cmdline_bytes(val)
     size, n = memparse(p)
     if not size or n == 0:
         raise KernelError(errno.EINVAL, "size is missing or zero")
@@ -45,7 +45,7 @@ def parse_reserve_mem(val, table: list, memblock: Memblock, revive=None) -> Rese
     name = p[pos + 1:].decode(errors="replace")
     if not name or len(p[pos + 1:]) >= RESERVE_MEM_NAME_SIZE:
         raise KernelError(errno.EINVAL, f"name must be 1 to {RESERVE_MEM_NAME_SIZE - 1} characters")
-    if all(kisspace(c) for c in name):
+    if all(kisspace(c) for c in p[pos + 1:]):
         raise KernelError(errno.EINVAL, "name is blank")
     if any(r.name == name for r in table):
         raise KernelError(errno.EBUSY, f"name {name!r} is already used")
