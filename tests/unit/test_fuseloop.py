@@ -10,11 +10,12 @@ import signal
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
 from khofs import fuse, fuseloop
-from test_fuse_requests import out, req  # noqa: F401 (shared request builders)
+from test_fuse_requests import out, req
 from khofs.host import Host
 from khofs.kernel.machine import MachineConfig
 
@@ -25,9 +26,7 @@ def dev(monkeypatch):
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     host = Host.boot("kho=on reserve_mem=4M:4096:oops", MachineConfig())
     kf = fuse.KhoFuse(host.tree)
-    invalidated = []
-    loop = fuseloop.Loop(ours.fileno(), kf, invalidated.append)
-    loop.invalidated = invalidated
+    loop = fuseloop.Loop(ours.fileno(), kf, lambda entries: None)
     parks, sent = [], []
     real_write, real_park = os.write, loop._park
 
@@ -56,6 +55,14 @@ def replies(kernel, n):
     return [out(kernel.recv(1 << 16)) for _ in range(n)]
 
 
+def first_park(parks):
+    deadline = time.monotonic() + 10
+    while not parks:
+        assert time.monotonic() < deadline, "the loop never slept"
+        time.sleep(0.001)
+    return parks[0]
+
+
 def running(loop):
     t = threading.Thread(target=loop.run, daemon=True)
     t.start()
@@ -68,16 +75,15 @@ def test_queued_requests_are_answered_without_sleeping(dev):
         kernel.send(lookup_kho(u))
     t = running(loop)
     assert [(e, u) for e, u, _ in replies(kernel, 3)] == [(0, 1), (0, 2), (0, 3)]
-    while not parks:
-        threading.Event().wait(0.001)
-    assert parks[0] == (-1, 3)          # slept first after answering all three
+    assert first_park(parks) == (-1, 3)     # slept first after answering all three
     kernel.shutdown(socket.SHUT_WR)     # the fd goes away: the loop ends
     t.join(10)
     assert not t.is_alive()
 
 
-def test_other_threads_work_runs_during_a_long_run_of_requests(dev):
+def test_other_threads_work_runs_during_a_long_run_of_requests(dev, monkeypatch):
     loop, kernel, parks, _ = dev
+    monkeypatch.setattr(fuseloop, "YIELD_EVERY", 4)     # the requests fit the socket's buffer
     total = 2 * fuseloop.YIELD_EVERY + 1
     for u in range(total):
         kernel.send(lookup_kho(u))
@@ -131,8 +137,7 @@ def test_abort_write_is_answered_after_invalidation_and_others_meanwhile(dev):
 def test_terminate_ends_a_sleeping_loop(dev):
     loop, _, parks, _ = dev
     t = running(loop)
-    while not parks:
-        threading.Event().wait(0.001)
+    first_park(parks)
     loop.terminate()
     t.join(10)
     assert not t.is_alive() and loop.stopping
