@@ -9,7 +9,8 @@ import sys
 import traceback
 
 from . import control, fuseloop, runtime
-from .fuse import ROOT_INODE, KhoFuse, invalidate
+from .debugfs import ROOT_INO
+from .fuse import KhoFuse, invalidate
 from .host import Host
 from .libfuse import Session
 
@@ -84,7 +85,7 @@ class Daemon:
             return {"ok": False, "errno": errno.EIO, "error": "EIO",
                     "message": "internal error (see the daemon's log)"}
         if stale or removed:
-            invalidate(self.session, stale + removed, [ROOT_INODE] if stale else [])
+            invalidate(self.session, stale + removed, [ROOT_INO] if stale else [])
         return reply
 
     def _execute(self, line: bytes):

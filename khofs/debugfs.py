@@ -27,6 +27,7 @@ class Node:
         self.atime = self.mtime = self.ctime = time.time_ns()
         self.seq = self.ino          # creation order: readdir lists newest first
         self.gone = False
+        self.nlookup = 0             # references the kernel holds (FUSE lookup count)
 
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
@@ -246,6 +247,8 @@ class Tree:
             if key not in live:
                 node.gone = True
                 self._removed.append((node.parent.ino, node.name, node.ino))
+                if not node.nlookup:
+                    del self.nodes[node.ino]    # the kernel never had it: nothing will forget it
         self.blob_nodes = live
 
     def _blob_children(self, dirname):
@@ -303,7 +306,10 @@ class Tree:
             node = self.lookup(node, part)
         return node
 
-    def forget(self, ino: int) -> None:
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The kernel dropped nlookup references; a removed node goes with the last one."""
         node = self.nodes.get(ino)
-        if node is not None and node.gone:
-            del self.nodes[ino]
+        if node is not None:
+            node.nlookup = max(0, node.nlookup - nlookup)
+            if node.gone and not node.nlookup:
+                del self.nodes[ino]

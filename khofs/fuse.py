@@ -66,8 +66,7 @@ _IN_HOT = struct.Struct("<4xIQQI")               # opcode unique nodeid uid
 _OPEN_TO_OTHERS = frozenset({INIT, READ, WRITE, FSYNC, RELEASE, READDIR, FSYNCDIR,
                              RELEASEDIR, NOTIFY_REPLY, READDIRPLUS})
 
-
-ROOT_INODE = 1
+NAME_MAX = 255      # debugfs names: simple_lookup() refuses longer ones
 
 
 def invalidate(session, entries, inodes=()) -> None:
@@ -151,16 +150,17 @@ class KhoFuse:
 
     def _special(self, opcode, unique, nodeid, uid, buf):
         if opcode == FORGET:
-            self.tree.forget(nodeid)
+            self.tree.forget(nodeid, struct.unpack_from("<Q", buf, HDR)[0])
         elif opcode == BATCH_FORGET:
             count = struct.unpack_from("<I", buf, HDR)[0]
             for i in range(count):
-                self.tree.forget(FORGET_ONE.unpack_from(buf, HDR + 8 + 16 * i)[0])
+                self.tree.forget(*FORGET_ONE.unpack_from(buf, HDR + 8 + 16 * i))
         elif opcode == DESTROY:
             return _ok(unique)
         elif opcode not in (INTERRUPT, NOTIFY_REPLY):
-            # What libfuse answers without a handler.
-            return _error(unique, errno.EACCES if self._denied(uid) else errno.ENOSYS)
+            # What libfuse answers without a handler (allow_root lets READDIR and FSYNCDIR by).
+            denied = opcode not in _OPEN_TO_OTHERS and self._denied(uid)
+            return _error(unique, errno.EACCES if denied else errno.ENOSYS)
         # FORGET, INTERRUPT, NOTIFY_REPLY: the kernel neither waits for a reply nor takes one.
         return None
 
@@ -189,13 +189,17 @@ class KhoFuse:
     # -- inodes -------------------------------------------------------------------
     def lookup(self, unique, nodeid, buf, n):
         parent = self.tree.get(nodeid)
-        name = _cstring(buf, HDR, n).decode("utf-8", "surrogateescape")
+        raw = _cstring(buf, HDR, n)
+        if len(raw) > NAME_MAX:
+            raise KernelError(errno.ENAMETOOLONG)       # simple_lookup()
+        name = raw.decode("utf-8", "surrogateescape")
         if name == ".":
             node = parent
         elif name == "..":
             node = parent.parent
         else:
             node = self.tree.lookup(parent, name)
+        node.nlookup += 1
         return _ok(unique, self._entry(node))
 
     def getattr(self, unique, nodeid, buf, n):
@@ -229,7 +233,7 @@ class KhoFuse:
         return _ok(unique, ATTR_OUT.pack(TTL, 0, 0) + self._attr(node))
 
     def statfs(self, unique, nodeid, buf, n):
-        return _ok(unique, KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096))
+        return _ok(unique, KSTATFS.pack(0, 0, 0, 0, 0, 4096, NAME_MAX, 4096))
 
     # -- files ----------------------------------------------------------------------
     def _fh(self) -> int:
@@ -291,15 +295,18 @@ class KhoFuse:
         handle = self.dir_handles.get(fh)
         if handle is None:
             return _ok(unique)
+        self.tree.sync()
         if start == 0:
             # A stream read from the start (or rewound) lists the live children, as
-            # dcache_readdir does; later offsets continue the same listing.
-            self.tree.sync()
+            # dcache_readdir does; later offsets continue the same listing, past what
+            # was removed meanwhile (the kernel would cache a record as a live entry).
             handle[1] = self._dir_entries(handle[0])
         out, used = [], 0
         entries = handle[1]
         for i in range(start, len(entries)):
             name, node = entries[i]
+            if node.gone:
+                continue
             raw = os.fsencode(name)
             rec = (self._entry(node) + DIRENT.pack(node.ino, i + 1, len(raw), (node.mode >> 12) & 0o17)
                    + raw)
@@ -308,6 +315,8 @@ class KhoFuse:
                 break
             out.append(rec)
             used += len(rec)
+            if i >= 2:
+                node.nlookup += 1       # fuse_direntplus_link() takes no reference for . and ..
         return _ok(unique, b"".join(out))
 
     def releasedir(self, unique, nodeid, buf, n):

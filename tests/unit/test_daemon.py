@@ -10,7 +10,7 @@ import pytest
 
 from khofs import control, fuseloop
 from khofs.daemon import Daemon
-from khofs.fuse import ROOT_INODE
+from khofs.debugfs import ROOT_INO
 from khofs.host import Host
 from khofs.kernel.machine import MachineConfig
 
@@ -57,10 +57,10 @@ def test_kexec_makes_the_kernel_forget_the_old_boot_before_the_reply(daemon):
     assert request(daemon, cmd="kexec")["ok"]
     notes = daemon.session
     # The old boot's entries, from kho/ down, and the root's attributes (its link count).
-    assert notes.entries[:2] == [(ROOT_INODE, b"kho"), (kho_ino, b"out")]
+    assert notes.entries[:2] == [(ROOT_INO, b"kho"), (kho_ino, b"out")]
     assert sorted(notes.entries[2:]) == sorted((out_ino, name) for name in (
         b"sub_fdts", b"scratch_phys", b"scratch_len", b"finalize"))
-    assert notes.attrs == [ROOT_INODE]
+    assert notes.attrs == [ROOT_INO]
     assert t not in notes.threads          # invalidated beside the loop, not on it
     daemon.loop.terminate()
     t.join(10)

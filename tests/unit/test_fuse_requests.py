@@ -8,6 +8,7 @@ import errno
 import os
 import stat
 import struct
+import time
 
 import pytest
 
@@ -141,7 +142,8 @@ def test_setattr_mode_times_and_now(kf, host):
     valid = fuse.FATTR_MODE | fuse.FATTR_ATIME | fuse.FATTR_MTIME_NOW
     payload = struct.pack("<IIQQQqqqIIIIIIII", valid, 0, 0, 0, 0, -5, 0, 0, 7, 0, 0,
                           0o100644, 0, 0, 0, 0)
-    before = fin.ctime
+    fin.mtime = fin.ctime = 0
+    before = time.time_ns()
     err, _, body = out(kf.handle(*req(fuse.SETATTR, fin.ino, payload)))
     a = attr_of(body[16:])
     assert err == 0 and a["mode"] == stat.S_IFREG | 0o644
@@ -205,6 +207,7 @@ def test_no_reply_requests_and_forget(kf, host):
     fh = open_fh(kf, fin.ino, os.O_WRONLY)[0]
     write(kf, fin.ino, fh, b"1\n")
     fdt = host.tree.resolve("kho/out/fdt")
+    lookup(kf, host.tree.out.ino, "fdt")
     write(kf, fin.ino, fh, b"0\n")
     assert fdt.ino in host.tree.nodes                        # removed, still looked up
     assert kf.handle(*req(fuse.INTERRUPT, 0, struct.pack("<Q", 7))) is None
@@ -249,3 +252,73 @@ def test_kernel_errors_carry_their_errno(kf, monkeypatch):
         raise KernelError(errno.EBUSY)
     monkeypatch.setattr(Tree, "lookup", busy)
     assert out(kf.handle(*req(fuse.LOOKUP, 1, b"kho\0")))[0] == errno.EBUSY
+
+
+def test_setattr_with_an_explicit_time_stores_it(kf, host):
+    # What the kernel sends for touch/utimensat: the time, with or without the _NOW bit.
+    fin = host.tree.finalize
+    valid = fuse.FATTR_MTIME | fuse.FATTR_MTIME_NOW
+    payload = struct.pack("<IIQQQqqqIIIIIIII", valid, 0, 0, 0, 0, 0, 1234, 0, 0, 56, 0,
+                          0, 0, 0, 0, 0)
+    assert out(kf.handle(*req(fuse.SETATTR, fin.ino, payload)))[0] == 0
+    assert fin.mtime == 1234 * 10**9 + 56
+
+
+def test_lookup_of_a_name_longer_than_name_max(kf, host):
+    kho = host.tree.kho.ino
+    assert out(kf.handle(*req(fuse.LOOKUP, kho, b"x" * 255 + b"\0")))[0] == errno.ENOENT
+    assert out(kf.handle(*req(fuse.LOOKUP, kho, b"x" * 256 + b"\0")))[0] == errno.ENAMETOOLONG
+
+
+def test_allow_root_answers_others_readdir_and_fsyncdir_as_libfuse_does(host):
+    kf = fuse.KhoFuse(host.tree, deny_others=True, owner=1000)
+    for opcode in (fuse.READDIR, fuse.FSYNCDIR):
+        assert out(kf.handle(*req(opcode, 1, bytes(64), uid=1001)))[0] == errno.ENOSYS
+
+
+def finalize_then_abort(kf, host, between=lambda: None):
+    fin = host.tree.finalize
+    fh = open_fh(kf, fin.ino, os.O_WRONLY)[0]
+    write(kf, fin.ino, fh, b"1\n")
+    between()
+    write(kf, fin.ino, fh, b"0\n")
+
+
+def test_removed_node_lives_while_the_kernel_holds_references(kf, host):
+    seen = []
+    finalize_then_abort(kf, host, lambda: seen.append(host.tree.resolve("kho/out/fdt")))
+    assert seen[0].ino not in host.tree.nodes           # never handed to the kernel
+    fdt = []
+
+    def twice():
+        fdt.append(host.tree.resolve("kho/out/fdt"))
+        lookup(kf, host.tree.out.ino, "fdt")
+        lookup(kf, host.tree.out.ino, "fdt")
+    finalize_then_abort(kf, host, twice)
+    ino = fdt[0].ino
+    assert kf.handle(*req(fuse.FORGET, ino, struct.pack("<Q", 1))) is None
+    assert ino in host.tree.nodes                       # one reference left
+    assert kf.handle(*req(fuse.FORGET, ino, struct.pack("<Q", 1))) is None
+    assert ino not in host.tree.nodes
+
+
+def test_readdirplus_continuation_skips_what_was_removed_meanwhile(kf, host):
+    out_dir = host.tree.out
+    fin = host.tree.finalize
+    fh = open_fh(kf, fin.ino, os.O_WRONLY)[0]
+    write(kf, fin.ino, fh, b"1\n")
+    dfh = struct.unpack_from("<Q", out(kf.handle(*req(fuse.OPENDIR, out_dir.ino, bytes(8))))[2])[0]
+
+    def names(off, size):
+        body = out(kf.handle(*req(fuse.READDIRPLUS, out_dir.ino,
+                                  struct.pack("<QQIIQII", dfh, off, size, 0, 0, 0, 0))))[2]
+        found, pos = [], 0
+        while pos < len(body):
+            namelen = struct.unpack_from("<I", body, pos + 144)[0]
+            found.append(body[pos + 152:pos + 152 + namelen].decode())
+            pos += (152 + namelen + 7) // 8 * 8
+        return found
+    assert names(0, 320) == [".", ".."]
+    write(kf, fin.ino, fh, b"0\n")                      # out/fdt goes
+    assert "fdt" not in names(2, 4096)
+    assert names(2, 4096) == ["finalize", "scratch_len", "scratch_phys", "sub_fdts"]
