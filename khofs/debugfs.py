@@ -245,7 +245,10 @@ class Tree:
             live[key] = node
         for key, node in self.blob_nodes.items():
             if key not in live:
+                # simple_recursive_removal(): the file's ctime, its directory's mtime and ctime.
+                now = time.time_ns()
                 node.gone = True
+                node.ctime = node.parent.mtime = node.parent.ctime = now
                 self._removed.append((node.parent.ino, node.name, node.ino))
                 if not node.nlookup:
                     del self.nodes[node.ino]    # the kernel never had it: nothing will forget it

@@ -70,15 +70,19 @@ NAME_MAX = 255      # debugfs names: simple_lookup() refuses longer ones
 
 
 def invalidate(session, entries, inodes=()) -> None:
-    """Make the kernel forget (parent inode, name, inode or None) entries, and the removed
-    inodes' attributes (an open file then shows nlink 0), and the attributes of `inodes`.
+    """Make the kernel forget (parent inode, name, inode or None) entries, and the
+    attributes of the removed inodes (an open file then shows nlink 0), of their parents
+    (whose times the removal changed) and of `inodes`.
     Blocking: call it from a thread, as the kernel may first need an answer to a request
     in flight (a lookup holding the directory's lock). Entries it had not cached are fine."""
+    parents = []
     for parent, name, ino in entries:
         session.invalidate_entry(parent, os.fsencode(name))
         if ino is not None:
             session.invalidate_attr(ino)
-    for ino in inodes:
+            if parent not in parents:
+                parents.append(parent)
+    for ino in parents + [i for i in inodes if i not in parents]:
         session.invalidate_attr(ino)
 
 

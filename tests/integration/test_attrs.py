@@ -119,6 +119,25 @@ def test_fdt_reappears_after_abort_and_finalize(unfinalized):
     assert len(read(f"{out}/fdt")) == len(first) == ROOT_FDT_SIZE
 
 
+def test_abort_stamps_the_directories_it_removes_from(unfinalized):
+    # debugfs_remove -> simple_recursive_removal: the parent's mtime and ctime, the file's ctime.
+    out = unfinalized.out
+    assert write_bytes(f"{out}/finalize", b"1") == 1
+    before = {d: os.stat(d) for d in (out, f"{out}/sub_fdts")}
+    fd = os.open(f"{out}/fdt", os.O_RDONLY)
+    try:
+        fdt_ctime = os.fstat(fd).st_ctime_ns
+        assert write_bytes(f"{out}/finalize", b"0") == 1
+        gone = os.fstat(fd)
+        assert gone.st_nlink == 0 and gone.st_ctime_ns > fdt_ctime
+    finally:
+        os.close(fd)
+    for d, st in before.items():
+        now = os.stat(d)
+        assert now.st_mtime_ns > st.st_mtime_ns and now.st_ctime_ns > st.st_ctime_ns, d
+        assert now.st_atime_ns == st.st_atime_ns, d
+
+
 @pytest.fixture(scope="module")
 def zmount(module_mounter):
     m = module_mounter("--stat-size", "zero", *ISSUE_ARGS, cmdline=ISSUE_CMDLINE, name="zero")

@@ -322,3 +322,19 @@ def test_readdirplus_continuation_skips_what_was_removed_meanwhile(kf, host):
     write(kf, fin.ino, fh, b"0\n")                      # out/fdt goes
     assert "fdt" not in names(2, 4096)
     assert names(2, 4096) == ["finalize", "scratch_len", "scratch_phys", "sub_fdts"]
+
+
+def test_invalidate_forgets_removed_entries_their_attributes_and_their_parents():
+    calls = []
+
+    class Session:
+        def invalidate_entry(self, parent, name):
+            calls.append(("entry", parent, name))
+
+        def invalidate_attr(self, ino):
+            calls.append(("attr", ino))
+    fuse.invalidate(Session(), [(5, "fdt", 9), (6, "memblock", 10), (5, "x", 11), (1, "kho", None)],
+                    [1, 5])
+    assert calls == [("entry", 5, b"fdt"), ("attr", 9), ("entry", 6, b"memblock"), ("attr", 10),
+                     ("entry", 5, b"x"), ("attr", 11), ("entry", 1, b"kho"),
+                     ("attr", 5), ("attr", 6), ("attr", 1)]
