@@ -8,7 +8,6 @@ examples (the FUSE floor). Needs root and /dev/fuse. Not part of the test pass/f
 """
 
 import argparse
-import json
 import os
 import platform
 import shutil

@@ -1,6 +1,5 @@
 """FDT bytes the kernel's way: libfdt's sequential-write API (pylibfdt) into one fixed buffer."""
 
-import errno
 import struct
 
 import libfdt

@@ -2,7 +2,6 @@
 
 import json
 import struct
-import subprocess
 
 import libfdt
 import pytest

@@ -7,13 +7,12 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 
 import pytest
 
 from khofs import runtime
 from khofs.client import Client, ControlError
-from khoit import KHOFS, PathMounts, is_mounted
+from khoit import PathMounts
 from khoit import khofs_bytes as khofs
 
 pytestmark = pytest.mark.fuse

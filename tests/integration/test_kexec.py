@@ -6,15 +6,13 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 
 import libfdt
 import pytest
 
 from khofs import runtime
-from khofs.client import Client
-from khoit import KHOFS, is_mounted, pid_alive, wait_until
+from khoit import KHOFS, is_mounted, pid_alive, read, wait_until
 from khoit import khofs_bytes as khofs
 
 pytestmark = pytest.mark.fuse
@@ -35,11 +33,6 @@ def sh(cmd, timeout=30):
     return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=timeout)
 
 
-def rd(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def status(mnt):
     return json.loads(khofs("status", mnt, "--json").stdout)
 
@@ -51,7 +44,7 @@ def log_lines(mnt):
 def finalize(mnt, value="1"):
     r = sh(f"echo {value} > {mnt}/kho/out/finalize")
     assert r.returncode == 0, r.stderr
-    assert rd(f"{mnt}/kho/out/finalize") == (b"1\n" if value != "0" else b"0\n")
+    assert read(f"{mnt}/kho/out/finalize") == (b"1\n" if value != "0" else b"0\n")
 
 
 def alloc_payload(mnt, tmp_path, size=8192):
@@ -83,7 +76,7 @@ def assert_lost(back, old):
 
 
 def assert_fresh_out(mnt):
-    assert rd(f"{mnt}/kho/out/finalize") == b"0\n"
+    assert read(f"{mnt}/kho/out/finalize") == b"0\n"
     assert not os.path.exists(f"{mnt}/kho/out/fdt")
     assert os.listdir(f"{mnt}/kho/out/sub_fdts") == []
 
@@ -101,7 +94,7 @@ def test_round_trip(path_mounts, tmp_path):
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     finalize(mnt)
 
-    memblock = rd(f"{mnt}/kho/out/sub_fdts/memblock")
+    memblock = read(f"{mnt}/kho/out/sub_fdts/memblock")
     fdt = libfdt.Fdt(memblock)
     node = fdt.path_offset("/oops")
     start = int.from_bytes(bytes(fdt.getprop(node, "start")), "little")
@@ -120,9 +113,9 @@ def test_round_trip(path_mounts, tmp_path):
     khofs("ctl", mnt, "mem", "write", hex(start), tmp_path / "head")
     khofs("ctl", mnt, "mem", "write", hex(start + size - PAGE), tmp_path / "tail")
 
-    out_fdt = rd(f"{mnt}/kho/out/fdt")
-    scratch_phys = rd(f"{mnt}/kho/out/scratch_phys")
-    scratch_len = rd(f"{mnt}/kho/out/scratch_len")
+    out_fdt = read(f"{mnt}/kho/out/fdt")
+    scratch_phys = read(f"{mnt}/kho/out/scratch_phys")
+    scratch_len = read(f"{mnt}/kho/out/scratch_len")
     assert scratch_len == b"0x1000000\n0x4000000\n0x1000000\n"
 
     r = khofs("kexec", mnt, "--release", "6.17.0-next",
@@ -130,9 +123,9 @@ def test_round_trip(path_mounts, tmp_path):
     assert "Revived memory reservation 'oops' from KHO" in r.stdout.decode()
 
     # in/ mirrors the previous out/ byte for byte.
-    assert rd(f"{mnt}/kho/in/fdt") == out_fdt
-    assert rd(f"{mnt}/kho/in/sub_fdts/memblock") == memblock
-    assert rd(f"{mnt}/kho/in/sub_fdts/myprod") == dtb_of(dts)
+    assert read(f"{mnt}/kho/in/fdt") == out_fdt
+    assert read(f"{mnt}/kho/in/sub_fdts/memblock") == memblock
+    assert read(f"{mnt}/kho/in/sub_fdts/myprod") == dtb_of(dts)
     assert sorted(os.listdir(f"{mnt}/kho/in/sub_fdts")) == ["memblock", "myprod"]
     for p in ("in", "in/sub_fdts"):
         st = os.stat(f"{mnt}/kho/{p}")
@@ -143,8 +136,8 @@ def test_round_trip(path_mounts, tmp_path):
 
     assert_fresh_out(mnt)
     # kho_scratch= of the next command line is ignored after a KHO kexec.
-    assert rd(f"{mnt}/kho/out/scratch_phys") == scratch_phys
-    assert rd(f"{mnt}/kho/out/scratch_len") == scratch_len
+    assert read(f"{mnt}/kho/out/scratch_phys") == scratch_phys
+    assert read(f"{mnt}/kho/out/scratch_len") == scratch_len
 
     assert mem_read(mnt, phys, 8192) == payload
     assert_lost(mem_read(mnt, loose, 8192), loose_data)
@@ -163,7 +156,7 @@ def test_round_trip(path_mounts, tmp_path):
 def test_chain_of_three_kexecs(path_mounts, tmp_path):
     mnt = path_mounts("--cmdline", "kho=on", "--memory", "2G")
     phys, payload = alloc_payload(mnt, tmp_path, 3 * PAGE)
-    scratch = (rd(f"{mnt}/kho/out/scratch_phys"), rd(f"{mnt}/kho/out/scratch_len"))
+    scratch = (read(f"{mnt}/kho/out/scratch_phys"), read(f"{mnt}/kho/out/scratch_len"))
     prev = status(mnt)["release"]
     for n, release in enumerate(["6.19.0-a", "6.19.0-b", "6.19.0-c"], start=1):
         # Preservations belong to one boot: the range is preserved again every time.
@@ -175,7 +168,7 @@ def test_chain_of_three_kexecs(path_mounts, tmp_path):
         assert st["release"] == release
         assert st["previous_release"] == prev
         assert st["kho_in"] is True and st["finalized"] is False
-        assert (rd(f"{mnt}/kho/out/scratch_phys"), rd(f"{mnt}/kho/out/scratch_len")) == scratch
+        assert (read(f"{mnt}/kho/out/scratch_phys"), read(f"{mnt}/kho/out/scratch_len")) == scratch
         assert mem_read(mnt, phys, 3 * PAGE) == payload, f"payload lost after kexec {n}"
         assert_fresh_out(mnt)
         prev = release
@@ -220,13 +213,13 @@ def test_load_after_finalize_carries_handover(path_mounts, tmp_path):
     phys, payload = alloc_payload(mnt, tmp_path)
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     finalize(mnt)
-    out_fdt = rd(f"{mnt}/kho/out/fdt")
+    out_fdt = read(f"{mnt}/kho/out/fdt")
     r = khofs("kexec", "load", mnt)
     assert "carries the KHO handover" in r.stdout.decode()
     r = khofs("kexec", "exec", mnt)
     assert "loaded before" not in r.stderr.decode()
     assert os.path.isdir(f"{mnt}/kho/in")
-    assert rd(f"{mnt}/kho/in/fdt") == out_fdt
+    assert read(f"{mnt}/kho/in/fdt") == out_fdt
     assert status(mnt)["kho_in"] is True
     assert mem_read(mnt, phys, 8192) == payload
 
@@ -266,14 +259,14 @@ def test_unpreserved_subtree_arrives_zeroed(path_mounts, tmp_path):
     khofs("ctl", mnt, "subtree", "add", "bad", dts, "--no-preserve")
     khofs("ctl", mnt, "subtree", "add", "good", dts)
     finalize(mnt)
-    assert rd(f"{mnt}/kho/out/sub_fdts/bad") == dtb_of(dts)
+    assert read(f"{mnt}/kho/out/sub_fdts/bad") == dtb_of(dts)
     r = khofs("kexec", mnt)
     notes = [line for line in r.stderr.decode().splitlines() if "not in preserved memory" in line]
     assert len(notes) == 1, r.stderr.decode()
     assert "'bad'" in notes[0]
     assert sorted(os.listdir(f"{mnt}/kho/in/sub_fdts")) == ["bad", "good"]
-    assert rd(f"{mnt}/kho/in/sub_fdts/bad") == b""
-    assert rd(f"{mnt}/kho/in/sub_fdts/good") == dtb_of(dts)
+    assert read(f"{mnt}/kho/in/sub_fdts/bad") == b""
+    assert read(f"{mnt}/kho/in/sub_fdts/good") == dtb_of(dts)
     assert any("'bad'" in n and "not in preserved memory" in n for n in status(mnt)["kexec_notes"])
 
 
@@ -314,7 +307,7 @@ def test_test_kho_abort_quirk(path_mounts):
 def test_test_kho_detects_corrupted_folio(path_mounts, tmp_path, abi):
     mnt = path_mounts("--cmdline", "kho=on khofs.test_kho=1", "--memory", "1G", "--abi", abi)
     finalize(mnt)
-    fdt = libfdt.Fdt(rd(f"{mnt}/kho/out/sub_fdts/kho_test"))
+    fdt = libfdt.Fdt(read(f"{mnt}/kho/out/sub_fdts/kho_test"))
     data = fdt.path_offset("/data")
     info = bytes(fdt.getprop(data, "folios_info"))
     nr = int.from_bytes(bytes(fdt.getprop(data, "nr_folios")), "little")
@@ -366,8 +359,8 @@ def test_state_dir_remount_boots_from_handover(path_mounts, tmp_path):
     khofs("ctl", mnt, "preserve", hex(phys), 8192)
     finalize(mnt)
     khofs("kexec", mnt, "--release", "6.18.0-second")
-    in_fdt = rd(f"{mnt}/kho/in/fdt")
-    in_memblock = rd(f"{mnt}/kho/in/sub_fdts/memblock")
+    in_fdt = read(f"{mnt}/kho/in/fdt")
+    in_memblock = read(f"{mnt}/kho/in/sub_fdts/memblock")
     khofs("umount", mnt)
     assert not is_mounted(mnt)
 
@@ -375,8 +368,8 @@ def test_state_dir_remount_boots_from_handover(path_mounts, tmp_path):
     st = status(mnt)
     assert st["kexec_count"] == 1 and st["kho_in"] is True
     assert st["release"] == "6.18.0-second" and st["cmdline"] == cmdline
-    assert rd(f"{mnt}/kho/in/fdt") == in_fdt
-    assert rd(f"{mnt}/kho/in/sub_fdts/memblock") == in_memblock
+    assert read(f"{mnt}/kho/in/fdt") == in_fdt
+    assert read(f"{mnt}/kho/in/sub_fdts/memblock") == in_memblock
     assert mem_read(mnt, phys, 8192) == payload
     assert "Revived memory reservation 'oops' from KHO" in log_lines(mnt)
     assert_fresh_out(mnt)
@@ -403,7 +396,7 @@ def test_kill_daemon_during_kexec(path_mounts, tmp_path, how):
     khofs("ctl", mnt, "preserve", hex(phys), size)
     finalize(mnt)
     khofs("kexec", mnt, "--release", "old")
-    old_fdt = rd(f"{mnt}/kho/in/fdt")
+    old_fdt = read(f"{mnt}/kho/in/fdt")
     khofs("ctl", mnt, "preserve", hex(phys), size)
     finalize(mnt)
 
@@ -443,5 +436,5 @@ def test_kill_daemon_during_kexec(path_mounts, tmp_path, how):
     assert (st["kexec_count"], st["release"]) in ((1, "old"), (2, "new")), st
     assert st["kho_in"] is True
     if st["kexec_count"] == 1:
-        assert rd(f"{mnt}/kho/in/fdt") == old_fdt
+        assert read(f"{mnt}/kho/in/fdt") == old_fdt
     assert mem_read(mnt, phys, size) == payload

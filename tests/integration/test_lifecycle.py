@@ -8,7 +8,7 @@ import pytest
 
 from khofs import runtime
 
-from khoit import daemon_pid, is_mounted, khofs, pid_alive, sh, wait_until
+from khoit import daemon_pid, is_mounted, khofs, pid_alive, read, sh, wait_until, write_bytes
 
 
 def test_mount_on_missing_dir_fails(tmp_path):
@@ -70,6 +70,7 @@ def test_umount_not_mounted_fails(tmp_path):
 
 def test_sigkill_daemon_leaves_dead_mount_umount_clears_it(mount_khofs):
     m = mount_khofs(cmdline="kho=on", name="mnt")
+    assert write_bytes(f"{m.out}/finalize", b"1\n") == 2
     pid = daemon_pid(m)
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(pid), what="the daemon to die")
@@ -80,12 +81,16 @@ def test_sigkill_daemon_leaves_dead_mount_umount_clears_it(mount_khofs):
     assert r.returncode != 0
     assert "Transport endpoint is not connected" in r.stderr
     assert is_mounted(m.path)
+    busy = mount_khofs(cmdline="kho=on", name="mnt", check=False)
+    assert busy.result.returncode == 1 and "already a mount point" in busy.result.stderr
     r = khofs("umount", m.path)
     assert r.returncode == 0, r.stderr
     assert not is_mounted(m.path)
     assert os.listdir(m.path) == []
+    assert runtime.read_info(m.path) is None
     again = mount_khofs(cmdline="kho=on", name="mnt")
     assert os.listdir(again.out) == ["finalize", "scratch_len", "scratch_phys", "sub_fdts"]
+    assert read(f"{again.out}/finalize") == b"0\n"           # a fresh boot, not finalized
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -96,6 +101,9 @@ def test_signal_daemon_unmounts_itself(mount_khofs, sig):
     wait_until(lambda: not is_mounted(m.path), timeout=5, what="the mount to go away")
     wait_until(lambda: not pid_alive(pid), timeout=5, what="the daemon to exit")
     assert os.listdir(m.path) == []
+    assert runtime.read_info(m.path) is None
+    with open(runtime.paths(m.path)["log"], "rb") as f:
+        assert b"Traceback" not in f.read()
 
 
 def test_daemon_leaves_the_callers_job_but_stays_in_its_session(mount_khofs):

@@ -23,8 +23,6 @@ from khofs.runtime import pid_alive  # noqa: F401  (a process helper, not an ora
 PY = sys.executable
 KHOFS = [PY, "-m", "khofs"]
 PAGE = 4096
-SZ_1M = 1 << 20
-SZ_2M = 2 << 20
 U64 = 1 << 64
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
@@ -74,6 +72,12 @@ def read_file(path) -> bytes:
             if not b:
                 return bytes(out)
             out += b
+
+
+def write_file(path, data: bytes) -> None:
+    """One write(2) of data on a fresh open (as `echo > path` does), all of it taken."""
+    with open(path, "wb", buffering=0) as f:
+        assert f.write(data) == len(data)
 
 
 # -- reporting -----------------------------------------------------------------------------

@@ -28,19 +28,6 @@ CMDLINE = "kho=on reserve_mem=1M:4096:relconc"
 CTX = mp.get_context("fork")
 
 
-def _read_all(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out = b""
-        while True:
-            b = os.read(fd, 4096)
-            if not b:
-                return out
-            out += b
-    finally:
-        os.close(fd)
-
-
 def _read_chunks(path, chunk=64):
     """The whole file through one fd, in small reads: (bytes, None) or (partial, errno)."""
     try:
@@ -66,7 +53,7 @@ def toggler(idx, mnt, shared, lock, results, deadline):
     rng = random.Random(1000 + idx)
     out = f"{mnt}/kho/out"
     fin = f"{out}/finalize"
-    scratch = {n: _read_all(f"{out}/{n}") for n in ("scratch_phys", "scratch_len")}
+    scratch = {n: sup.read_file(f"{out}/{n}") for n in ("scratch_phys", "scratch_len")}
     stats = {"ops": 0, "writes_ok": 0, "eexist": 0, "enoent": 0, "strict_checks": 0,
              "blob_reads": 0, "blob_gone": 0, "sub_reads": 0}
     problems = []
@@ -111,13 +98,13 @@ def toggler(idx, mnt, shared, lock, results, deadline):
             elif action == "snapshot":
                 d1 = shared["done"].value
                 s1 = shared["started"].value
-                f1 = _read_all(fin)
+                f1 = sup.read_file(fin)
                 try:
                     os.stat(f"{out}/fdt")
                     exists = True
                 except FileNotFoundError:
                     exists = False
-                f2 = _read_all(fin)
+                f2 = sup.read_file(fin)
                 s2 = shared["started"].value
                 op(3)
                 for f in (f1, f2):
@@ -144,7 +131,7 @@ def toggler(idx, mnt, shared, lock, results, deadline):
                     bad(f"out/fdt read failed with {errno.errorcode.get(err, err)}")
             elif action == "scratch":
                 for n, want in scratch.items():
-                    got = _read_all(f"{out}/{n}")
+                    got = sup.read_file(f"{out}/{n}")
                     if got != want:
                         bad(f"{n} changed: {got!r} != {want!r}")
                 op(2)
@@ -162,7 +149,7 @@ def toggler(idx, mnt, shared, lock, results, deadline):
                     elif err not in (errno.ENOENT, errno.EIO):
                         bad(f"sub_fdts/{n} read failed with {errno.errorcode.get(err, err)}")
             else:
-                f = _read_all(fin)
+                f = sup.read_file(fin)
                 op()
                 if f not in (b"0\n", b"1\n"):
                     bad(f"finalize reads {f!r}")
@@ -297,8 +284,7 @@ def test_racing_finalize_exactly_one_wins(mounter):
     try:
         for r in range(RACE_ROUNDS):
             if sup.read_file(fin) == b"1\n":
-                with open(fin, "wb", buffering=0) as f:
-                    f.write(b"0\n")
+                sup.write_file(fin, b"0\n")
             assert sup.read_file(fin) == b"0\n"
             for g in gos:
                 g.put(True)

@@ -101,7 +101,7 @@ mutation = st.one_of(
     st.tuples(st.just("sub_bytes"), SEL, st.integers(0, 300), st.binary(min_size=1, max_size=16)),
 )
 
-BASE_KINDS = ["6.18", "6.18", "6.16", "chain"]
+BASE_KINDS = ["6.18", "6.18", "6.16", "chain"]     # the default ABI drawn twice as often
 example = st.tuples(st.integers(0, len(BASE_KINDS) - 1),
                     st.lists(mutation, min_size=1, max_size=3).map(tuple))
 
@@ -270,8 +270,9 @@ def run_case(base, muts):
     json.dumps(m2.status())
     try:
         m2.kho_out.set_finalize(1)
-    except KernelError:
-        pass
+    except KernelError as e:
+        if e.errno != errno.ENOMEM:         # memory the corrupted map preserved is not free
+            problems.append(f"the next kernel cannot finalize: {e}")
     return {"problems": problems, "accepted": accepted, "predicted": expect is not None}
 
 
@@ -282,8 +283,8 @@ def describe(item):
 
 def test_handover_corruption_in_process():
     bases = [build_base(k) for k in BASE_KINDS]
-    for b in bases:                          # the uncorrupted round trip is accepted
-        res = run_case_in_child(bases, (BASE_KINDS.index(b["kind"]), ()))
+    for i in range(len(bases)):              # the uncorrupted round trip is accepted
+        res = run_case_in_child(bases, (i, ()))
         assert res == {"problems": [], "accepted": True, "predicted": True}, res
     cases = sup.load_corpus("handover_corruptions.txt")
     seen = {repr(c) for c in cases}
@@ -364,10 +365,8 @@ def test_handover_corruption_through_mount(mounter):
         log_start = os.path.getsize(log_path)
         out = f"{mnt}/kho/out"
         if sup.read_file(f"{out}/finalize") == b"1\n":      # a failed kexec stays in this boot
-            with open(f"{out}/finalize", "wb", buffering=0) as f:
-                f.write(b"0\n")
-        with open(f"{out}/finalize", "wb", buffering=0) as f:
-            f.write(b"1\n")
+            sup.write_file(f"{out}/finalize", b"0\n")
+        sup.write_file(f"{out}/finalize", b"1\n")
         blob = sup.read_file(f"{out}/fdt")
         props = _fdt_layout(blob)
         chunk = int.from_bytes(props["preserved-memory-map"][1], "little")

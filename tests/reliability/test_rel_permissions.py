@@ -49,8 +49,7 @@ def test_file_modes_hold_for_other_users(mounter, as_user):
         r = as_user(["sh", "-c", f"echo {value} > {out}/finalize"])
         assert r.returncode != 0 and DENIED in r.stderr, r
     assert sup.read_file(f"{out}/finalize") == b"0\n"
-    with open(f"{out}/finalize", "wb", buffering=0) as f:
-        f.write(b"1\n")
+    sup.write_file(f"{out}/finalize", b"1\n")
     r = as_user(["ls", f"{out}/sub_fdts"])
     assert r.returncode == 0 and r.stdout.split() == ["memblock"], r
     for path in (f"{out}/fdt", f"{out}/sub_fdts/memblock"):
@@ -95,8 +94,7 @@ def test_state_dir_is_private(mounter, as_user):
     fresh = os.path.join(pub, "fresh")
     mnt = mounter.mount("--memory", "1G", "--state", fresh, parent=pub)
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
-    with open(f"{mnt}/kho/out/finalize", "wb", buffering=0) as f:
-        f.write(b"1\n")
+    sup.write_file(f"{mnt}/kho/out/finalize", b"1\n")
     assert sup.khofs("kexec", mnt, timeout=60).returncode == 0
     h = os.stat(os.path.join(fresh, "handover"))
     assert stat.S_IMODE(h.st_mode) == 0o600 and h.st_uid == 0

@@ -5,7 +5,7 @@ import errno
 from ..errors import KernelError
 from ..fdt import check_header, totalsize
 from ..kho import KhoOut, Producer
-from ..physmem import PAGE_SHIFT, PAGE_SIZE
+from ..physmem import PAGE_SHIFT
 
 
 class UserSubtree(Producer):
