@@ -89,7 +89,7 @@ def _serve_locked(args, mnt) -> int:
             _err(why)
     opts = [o for o in (args.options or "").split(",") if o]
     daemon = Daemon(mnt, host, stat_size=args.stat_size, fuse_options=opts,
-                    debug_fuse=args.debug_fuse)
+                    debug_fuse=args.debug_fuse, cache=args.cache)
     try:
         daemon.mount()
     except Exception as e:       # libfuse's own reason is already in the log
@@ -468,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--stat-size", choices=["content", "zero"], default="content",
                    help="st_size of files: their content length (default, so sendfile users "
                    "work) or 0 as debugfs reports")
+    m.add_argument("--cache", choices=["direct", "page"], default="direct",
+                   help="direct (default): every read asks the emulated kernel and "
+                   "mmap(MAP_SHARED) fails with ENODEV as on debugfs; page: read-only opens "
+                   "keep the page cache while the content is unchanged (faster; mmap works)")
     m.add_argument("-o", dest="options", metavar="OPTS",
                    help="FUSE mount options, comma separated (e.g. allow_other,auto_unmount)")
     m.add_argument("--state", metavar="DIR",
@@ -568,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Options of the mount(8) helper form that are khofs's own; the rest go to FUSE.
 HELPER_KEYS = {"cmdline": "--cmdline", "memory": "--memory", "nodes": "--nodes",
                "boot_reserved": "--boot-reserved", "abi": "--abi", "stat_size": "--stat-size",
-               "state": "--state"}
+               "state": "--state", "cache": "--cache"}
 # Generic mount options mount.fuse passes along; FUSE takes them from the mount flags.
 GENERIC_FLAGS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
                  "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime",

@@ -6,13 +6,14 @@ Replies are {"ok": true, ...} or {"ok": false, "errno": N, "error": "ENAME", "me
 
 import base64
 import errno
+import functools
 import json
 import os
 import socket
 import sys
-import threading
-import time
 import traceback
+
+import trio
 
 from .host import Host
 from .kernel.errors import KernelError
@@ -246,85 +247,61 @@ def _release(req):
     return r
 
 
-class Server:
-    """The control socket: a thread accepts, a thread per connection reads request lines and
-    answers each with execute(line) -> reply dict, in order."""
-
-    def __init__(self, path: str, execute):
-        self.path, self.execute = path, execute
+async def serve(path: str, execute, task_status=trio.TASK_STATUS_IGNORED):
+    """The control socket: each connection's request lines answered in order with
+    `await execute(line)` -> reply dict. Runs until cancelled; the socket file goes with it."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    try:
+        task_status.started()
+        await trio.serve_listeners(functools.partial(_serve_connection, execute),
+                                   [trio.SocketListener(sock)])
+    finally:
+        sock.close()
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        self.sock.listen(16)
-        self.closed = False
-        threading.Thread(target=self._accept, name="khofs-control", daemon=True).start()
 
-    def _accept(self) -> None:
-        while not self.closed:
+
+async def _send(stream, reply) -> bool:
+    try:
+        await stream.send_all((json.dumps(reply) + "\n").encode())
+        return True
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+
+
+async def _serve_connection(execute, stream) -> None:
+    buf = bytearray()
+    async with stream:
+        while True:
             try:
-                conn, _ = self.sock.accept()
-            except OSError as e:
-                if self.closed:
-                    return
-                self._retry(e)      # out of fds for now: serve again once some are free
-                continue
-            try:
-                threading.Thread(target=self._serve, args=(conn,), name="khofs-control-conn",
-                                 daemon=True).start()
-            except RuntimeError as e:
-                conn.close()
-                self._retry(e)
-
-    @staticmethod
-    def _retry(e) -> None:
-        print(f"khofs: control socket: {e}; retrying", file=sys.stderr, flush=True)
-        time.sleep(0.1)
-
-    def _send(self, conn, reply) -> bool:
-        try:
-            conn.sendall((json.dumps(reply) + "\n").encode())
-            return True
-        except OSError:
-            return False
-
-    def _serve(self, conn) -> None:
-        buf = bytearray()
-        with conn:
+                data = await stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            buf += data
             while True:
-                try:
-                    data = conn.recv(1 << 20)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        break
-                    line, buf = bytes(buf[:nl]), buf[nl + 1:]
-                    if not self._send(conn, self.execute(line)):
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    break
+                line, buf = bytes(buf[:nl]), buf[nl + 1:]
+                # A request that started runs to its reply, even while the daemon stops.
+                with trio.CancelScope(shield=True):
+                    if not await _send(stream, await execute(line)):
                         return
-                if len(buf) > MAX_LINE:
-                    self._send(conn, {"ok": False, "errno": errno.E2BIG, "error": "E2BIG",
-                                      "message": f"request line longer than {MAX_LINE} bytes"})
-                    return
-
-    def close(self) -> None:
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)     # wakes the accepting thread
-        except OSError:
-            pass
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            if len(buf) > MAX_LINE:
+                await _send(stream, {"ok": False, "errno": errno.E2BIG, "error": "E2BIG",
+                                     "message": f"request line longer than {MAX_LINE} bytes"})
+                return

@@ -8,11 +8,13 @@ import socket
 import sys
 import traceback
 
-from . import control, fuseloop, runtime
+import pyfuse3
+import trio
+
+from . import control, runtime
 from .debugfs import ROOT_INO
-from .fuse import KhoFuse, invalidate
+from .fuse import KhoOperations
 from .host import Host
-from .libfuse import Session
 
 
 def log(text: str) -> None:
@@ -37,90 +39,83 @@ def sd_notify(message: str) -> bool:
 
 
 class Daemon:
+    """One trio.run: pyfuse3's workers, the control server and the signal receiver in one
+    nursery. The emulated kernel is touched on this one thread only; handlers that await
+    (an invalidation in a thread) do so after their change to it is complete."""
+
     def __init__(self, mountpoint: str, host: Host, stat_size: str = "content",
-                 fuse_options=(), debug_fuse: bool = False):
+                 fuse_options=(), debug_fuse: bool = False, cache: str = "direct"):
         self.mountpoint = mountpoint          # absolute and resolved by the caller
         self.host = host
-        self.fuse = KhoFuse(host.tree, stat_size, deny_others="allow_root" in fuse_options,
-                            owner=os.getuid())
-        host.on_new_tree.append(self.fuse.set_tree)
+        self.ops = KhoOperations(host.tree, stat_size, cache=cache, debug=debug_fuse)
+        host.on_new_tree.append(self.ops.set_tree)
         self.control = control.Control(host)
         self.sock_path = runtime.paths(mountpoint)["sock"]
         # default_permissions: the kernel checks modes, as it does on debugfs.
-        self.options = {"default_permissions", "fsname=khofs", "subtype=khofs"}
+        self.options = set(pyfuse3.default_options) | {"fsname=khofs", "subtype=khofs"}
         self.options |= set(fuse_options)
-        self.debug_fuse = debug_fuse
         if debug_fuse:
-            self.options.add("debug")     # libfuse logs INIT; khofs.fuseloop the rest
-        self.session = None
-        self.loop = None
-        self.server = None
+            self.options.add("debug")     # libfuse logs INIT and every request it reads
+        self._mounted = False
+        self.stopping = False
         self.signalled = 0
 
     def mount(self) -> None:
-        self.session = Session(self.mountpoint, sorted(self.options))
-        try:
-            self.session.init()
-        except BaseException:
-            self.session.close()
-            self.session = None
-            raise
-        self.loop = fuseloop.Loop(self.session.fd, self.fuse,
-                                  lambda entries: invalidate(self.session, entries),
-                                  self.debug_fuse)
-        self.loop.pending = self.session.busy
+        pyfuse3.init(self.ops, self.mountpoint, sorted(self.options))
+        self._mounted = True
 
-    def _control_request(self, line: bytes) -> dict:
-        """In a control connection's thread: the request runs on the loop's thread; then,
-        before the reply, the kernel forgets what it removed (an abort's files, an old
-        boot's entries after a kexec) while the loop goes on answering it."""
-        try:
-            reply, stale, removed = self.loop.call(self._execute, line)
-        except fuseloop.LoopStopped:
+    async def control_request(self, line: bytes) -> dict:
+        """Run one control request; before its reply, the kernel forgets what it removed
+        (an abort's files, an old boot's entries after a kexec)."""
+        if self.stopping:
             return {"ok": False, "errno": errno.ESHUTDOWN, "error": "ESHUTDOWN",
                     "message": "the daemon is unmounting"}
+        reply = self.control.handle_line(line)
+        stale, self.host.stale_entries = self.host.stale_entries, []
+        try:
+            await self.ops.settle(stale, ROOT_INO if stale else None)
         except Exception:
-            # A bug must not leave the client without a reply: log it, answer EIO.
-            log(f"khofs: internal error in a control request:\n{traceback.format_exc()}")
-            return {"ok": False, "errno": errno.EIO, "error": "EIO",
-                    "message": "internal error (see the daemon's log)"}
-        if stale or removed:
-            invalidate(self.session, stale + removed, [ROOT_INO] if stale else [])
+            log(f"khofs: internal error after a control request:\n{traceback.format_exc()}")
         return reply
 
-    def _execute(self, line: bytes):
-        reply = self.control.handle_line(line)
-        stale = [(parent, name, None) for parent, name in self.host.stale_entries]
-        self.host.stale_entries = []
-        tree = self.host.tree
-        tree.sync()
-        return reply, stale, tree.take_removed()
+    async def _signals(self, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for sig in sigs:
+                self.signalled = sig
+                pyfuse3.terminate()
+                return
 
-    def _signal(self, sig, frame) -> None:
-        self.signalled = sig
-        self.loop.terminate()
+    async def _ready(self, on_ready):
+        # The mount answers once the kernel's GETATTR of its root comes back.
+        await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        if on_ready:
+            on_ready()
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}")
 
-    def run(self, on_ready=None) -> None:
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, self._signal)
-            self.loop.wake_on_signals()
-            self.server = control.Server(self.sock_path, self._control_request)
-            if on_ready:
-                on_ready()
-            sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-            self.loop.run()
+    async def _main(self, on_ready):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._signals)
+            await nursery.start(control.serve, self.sock_path, self.control_request)
+            nursery.start_soon(self._ready, on_ready)
+            await pyfuse3.main()
+            self.stopping = True
             if self.signalled:
                 log(f"khofs: signal {self.signalled}: unmounting")
             sd_notify("STOPPING=1")
+            nursery.cancel_scope.cancel()
+
+    def run(self, on_ready=None) -> None:
+        try:
+            trio.run(self._main, on_ready)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)     # a second signal ends a stuck cleanup
-            if self.server is not None:
-                self.server.close()
-            if self.session is not None:
-                self.session.close()
-            self.loop.close()
+            if self._mounted:
+                pyfuse3.close(unmount=True)
+                self._mounted = False
+            try:
+                os.unlink(self.sock_path)
+            except FileNotFoundError:
+                pass
             runtime.remove_info(self.mountpoint)
 
 
