@@ -192,6 +192,7 @@ def cmd_umount(args) -> int:
             clean = False
     clean = clean and mounted is not None and info is not None
     runtime.remove_info(mnt)
+    runtime.clear_stale_lock(mnt)
     if clean:
         # The daemon went down normally: its log has nothing left to explain.
         try:
@@ -471,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache", choices=["direct", "page"], default="direct",
                    help="direct (default): every read asks the emulated kernel and "
                    "mmap(MAP_SHARED) fails with ENODEV as on debugfs; page: read-only opens "
-                   "keep the page cache while the content is unchanged (faster; mmap works)")
+                   "keep the page cache while the content is unchanged (faster; mmap works, and a "
+                   "read racing an O_TRUNC open of the same file may find it empty)")
     m.add_argument("-o", dest="options", metavar="OPTS",
                    help="FUSE mount options, comma separated (e.g. allow_other,auto_unmount)")
     m.add_argument("--state", metavar="DIR",

@@ -98,7 +98,8 @@ class KhoOperations(pyfuse3.Operations):
     cache="direct": every open is direct I/O, so each read asks the tree, and mmap(MAP_SHARED)
     fails with ENODEV as on debugfs. cache="page": read-only opens keep the kernel's page
     cache across opens while the content has not changed (one request per `cat`); mmap then
-    works where debugfs refuses it."""
+    works where debugfs refuses it, and a read racing an O_TRUNC open of the same file may
+    see it empty, as the kernel zeroes its cached size at that open (atomic_o_trunc)."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -241,7 +242,8 @@ class KhoOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=keep, nonseekable=node.nonseekable)
         # Writes go straight to the tree: a written page held locked by the kernel while it
         # waits for the reply could not be invalidated before that reply.
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=node.nonseekable)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False,
+                                nonseekable=node.nonseekable)
 
     @request("READ", _file_ino)
     async def read(self, fh, off, size):

@@ -67,6 +67,21 @@ def unlock_mountpoint(mountpoint: str, fd: int) -> None:
     os.close(fd)
 
 
+def clear_stale_lock(mountpoint: str) -> None:
+    """Remove the lock file a killed daemon left, unless a live daemon holds it."""
+    path = paths(mountpoint)["lock"]
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    unlock_mountpoint(mountpoint, fd)
+
+
 def write_info(mountpoint: str, **info) -> None:
     p = paths(mountpoint)["info"]
     tmp = p + ".tmp"
