@@ -8,6 +8,7 @@ what went or changed.
 
 import errno
 import functools
+import inspect
 import os
 import sys
 import time
@@ -57,13 +58,18 @@ def request(opcode: str, nodeid=None):
     """A handler: KernelError becomes the kernel's errno; a bug fails only its request (EIO)
     and is logged; with --debug-fuse each request is logged as `OPCODE nodeid N`."""
     def wrap(fn):
+        # Most answers need no await: a plain function saves a coroutine per request.
+        is_async = inspect.iscoroutinefunction(fn)
+
         @functools.wraps(fn)
         async def handler(self, *args):
             if self.debug:
                 ino = nodeid(self, args[0]) if nodeid else args[0]
                 log(f"khofs: {opcode} nodeid {ino}")
             try:
-                return await fn(self, *args)
+                if is_async:
+                    return await fn(self, *args)
+                return fn(self, *args)
             except pyfuse3.FUSEError:
                 raise
             except KernelError as e:
@@ -77,7 +83,7 @@ def request(opcode: str, nodeid=None):
 
 def refuse(opcode: str, err: int):
     @request(opcode)
-    async def handler(self, *args):
+    def handler(self, *args):
         raise pyfuse3.FUSEError(err)
     return handler
 
@@ -169,7 +175,7 @@ class KhoOperations(pyfuse3.Operations):
 
     # -- inodes -------------------------------------------------------------------------
     @request("LOOKUP")
-    async def lookup(self, parent_inode, name, ctx=None):
+    def lookup(self, parent_inode, name, ctx=None):
         parent = self.tree.get(parent_inode)
         if len(name) > NAME_MAX:
             raise KernelError(errno.ENAMETOOLONG)       # simple_lookup()
@@ -184,11 +190,11 @@ class KhoOperations(pyfuse3.Operations):
         return self._attrs(node)
 
     @request("GETATTR")
-    async def getattr(self, inode, ctx=None):
+    def getattr(self, inode, ctx=None):
         return self._attrs(self.tree.get(inode, removed_ok=True))
 
     @request("SETATTR")
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    def setattr(self, inode, attr, fields, fh, ctx):
         # simple_setattr: mode, owner and times change; a size change succeeds and does nothing.
         node = self.tree.get(inode, removed_ok=True)
         # notify_change() stamps ctime on every attribute change; simple_setattr copies it.
@@ -215,20 +221,20 @@ class KhoOperations(pyfuse3.Operations):
                 self._cached.discard(ino)
 
     @request("STATFS")
-    async def statfs(self, ctx):
+    def statfs(self, ctx):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_namemax = NAME_MAX
         return s
 
     @request("LISTXATTR")
-    async def listxattr(self, inode, ctx):
+    def listxattr(self, inode, ctx):
         self.tree.get(inode, removed_ok=True)
         return []           # debugfs inodes carry no extended attributes
 
     # -- files --------------------------------------------------------------------------
     @request("OPEN")
-    async def open(self, inode, flags, ctx):
+    def open(self, inode, flags, ctx):
         node = self.tree.get(inode)
         if not isinstance(node, File):
             raise KernelError(errno.EISDIR)
@@ -246,7 +252,7 @@ class KhoOperations(pyfuse3.Operations):
                                 nonseekable=node.nonseekable)
 
     @request("READ", _file_ino)
-    async def read(self, fh, off, size):
+    def read(self, fh, off, size):
         return self.handles[fh].read(off, size)
 
     @request("WRITE", _file_ino)
@@ -260,7 +266,7 @@ class KhoOperations(pyfuse3.Operations):
     # per close. debugfs files have no flush either.
 
     @request("RELEASE", _file_ino)
-    async def release(self, fh):
+    def release(self, fh):
         self.handles.pop(fh, None)
         ino = self._page_fhs.pop(fh, None)
         if ino is not None:
@@ -282,7 +288,7 @@ class KhoOperations(pyfuse3.Operations):
 
     # -- directories --------------------------------------------------------------------
     @request("OPENDIR")
-    async def opendir(self, inode, ctx):
+    def opendir(self, inode, ctx):
         node = self.tree.get(inode)
         if not isinstance(node, Dir):
             raise KernelError(errno.ENOTDIR)
@@ -294,7 +300,7 @@ class KhoOperations(pyfuse3.Operations):
         return [(".", node), ("..", node.parent)] + [(c.name, c) for c in self.tree.listdir(node)]
 
     @request("READDIRPLUS", _dir_ino)
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, fh, start_id, token):
         handle = self.dir_handles.get(fh)
         if handle is None:
             return
@@ -315,5 +321,5 @@ class KhoOperations(pyfuse3.Operations):
                 node.nlookup += 1       # fuse_direntplus_link() takes no reference for . and ..
 
     @request("RELEASEDIR", _dir_ino)
-    async def releasedir(self, fh):
+    def releasedir(self, fh):
         self.dir_handles.pop(fh, None)
