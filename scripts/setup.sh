@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(libfuse3-dev fuse3 pkg-config device-tree-compiler python3-venv python3-dev gcc)
+pkgs=(libfuse3-dev fuse3 pkg-config device-tree-compiler busybox python3-venv python3-dev gcc)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

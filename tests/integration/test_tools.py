@@ -33,6 +33,13 @@ def test_cat(m, fdt_bytes):
     assert r.stdout == b"1\n0x1000000\n0x4000000\n0x1000000\n"
 
 
+def test_busybox_cat(m, fdt_bytes):
+    # busybox cat copies with sendfile(2), which reads only up to st_size.
+    r = sh(f"busybox cat {m.out}/fdt {m.out}/finalize")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == fdt_bytes + b"1\n"
+
+
 @pytest.mark.parametrize("name", ["fdt", "sub_fdts/memblock", "scratch_phys", "finalize"])
 def test_cp_identical_bytes(m, tmp_path, name):
     src = f"{m.out}/{name}"
