@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="direct (default): every read asks the emulated kernel and "
                    "mmap(MAP_SHARED) fails with ENODEV as on debugfs; page: read-only opens "
                    "keep the page cache while the content is unchanged (faster; mmap works, and a "
-                   "read racing an O_TRUNC open of the same file may find it empty)")
+                   "read racing an O_TRUNC write of the same file may find it empty or short)")
     m.add_argument("-o", dest="options", metavar="OPTS",
                    help="FUSE mount options, comma separated (e.g. allow_other,auto_unmount)")
     m.add_argument("--state", metavar="DIR",

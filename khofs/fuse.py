@@ -104,8 +104,9 @@ class KhoOperations(pyfuse3.Operations):
     cache="direct": every open is direct I/O, so each read asks the tree, and mmap(MAP_SHARED)
     fails with ENODEV as on debugfs. cache="page": read-only opens keep the kernel's page
     cache across opens while the content has not changed (one request per `cat`); mmap then
-    works where debugfs refuses it, and a read racing an O_TRUNC open of the same file may
-    see it empty, as the kernel zeroes its cached size at that open (atomic_o_trunc)."""
+    works where debugfs refuses it, and a read racing an O_TRUNC write of the same file may
+    see it empty or cut short, as the kernel sets its cached size to 0 at that open
+    (atomic_o_trunc) and to the written length after the write."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
