@@ -93,6 +93,17 @@ def test_sigkill_daemon_leaves_dead_mount_umount_clears_it(mount_khofs):
     assert read(f"{again.out}/finalize") == b"0\n"           # a fresh boot, not finalized
 
 
+def test_umount_of_a_killed_daemon_leaves_no_runtime_files(mount_khofs):
+    m = mount_khofs(cmdline="kho=on")
+    pid = daemon_pid(m)
+    files = runtime.paths(os.path.realpath(m.path))
+    assert os.path.exists(files["lock"]) and os.path.exists(files["sock"])
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to die")
+    assert khofs("umount", m.path).returncode == 0
+    assert [k for k, p in files.items() if os.path.exists(p)] == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_daemon_unmounts_itself(mount_khofs, sig):
     m = mount_khofs(cmdline="kho=on")
