@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import runtime
+from .kernel.profile import DEFAULT_PROFILE, PROFILES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -18,6 +19,12 @@ def _size(text: str) -> int:
     if n != len(text.encode()) or val <= 0:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4G, 512M, 0x100000)")
     return val
+
+
+def _release_arg(text: str) -> str:
+    if not (0 < len(text) <= 64 and text.isprintable()):
+        raise argparse.ArgumentTypeError("a release is 1 to 64 printable characters (uname -r)")
+    return text
 
 
 def _err(msg: str) -> None:
@@ -42,7 +49,7 @@ def _boot_host(args):
     from .host import Host
     from .kernel.machine import MachineConfig
     cfg = MachineConfig(memory=args.memory, nodes=args.nodes, boot_reserved=args.boot_reserved,
-                        abi=args.abi)
+                        abi=args.abi, release=args.release)
     state = os.path.abspath(args.state) if args.state else None
     return Host.boot(args.cmdline, cfg, state, log=lambda text: print(text, file=sys.stderr,
                                                                        flush=True))
@@ -319,8 +326,10 @@ def cmd_kexec(args) -> int:
         fields["cmdline"] = args.cmdline
     if args.release is not None:
         fields["release"] = args.release
+    if args.abi is not None:
+        fields["abi"] = args.abi
     if step == "exec" and fields:
-        _err("--cmdline and --release go with the load step")
+        _err("--cmdline, --release and --abi go with the load step")
         return EXIT_USAGE
     try:
         with _client(mnt) as c:
@@ -333,7 +342,7 @@ def cmd_kexec(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
     elif step == "load":
-        print(f"loaded {r['release']}: " + ("carries the KHO handover" if r["handover"]
+        print(f"loaded {r['release']} (ABI {r['abi']}): " + ("carries the KHO handover" if r["handover"]
                                           else "carries no KHO handover"))
     else:
         for line in r["log"]:
@@ -358,7 +367,11 @@ def cmd_status(args) -> int:
     print(f"cmdline:          {st['cmdline']}")
     print(f"KHO:              {'enabled' if st['kho_enabled'] else 'disabled'}"
           f"{', handover received' if st['kho_in'] else ''}")
-    print(f"finalized:        {int(st['finalized'])}")
+    fin = st["finalized"]
+    print(f"finalized:        {'- (no finalize in this ABI)' if fin is None else int(fin)}")
+    md = st.get("kexec_metadata")
+    if md:
+        print(f"kexec-metadata:   from {md['previous_release']} (count {md['kexec_count']})")
     print(f"preserved:        {st['preserved_bytes']} bytes")
     for i, s in enumerate(st["scratch"]):
         print(f"scratch[{i}]:       0x{s['addr']:x} + 0x{s['size']:x}")
@@ -464,8 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--boot-reserved", type=_size, default=64 << 20, metavar="SIZE",
                    help="memory the kernel reserved for itself at boot, at 16 MiB; drives the "
                    "default scratch scale (default 64M)")
-    m.add_argument("--abi", choices=["6.18", "6.16"], default="6.18",
-                   help="kernel ABI profile (default 6.18)")
+    m.add_argument("--abi", choices=list(PROFILES), default=DEFAULT_PROFILE,
+                   help="kernel ABI profile: 6.16 (v6.16-v6.17), 6.18, 7.0 (v6.19-v7.0), "
+                   "7.1 (v7.1+) (default 6.18)")
+    m.add_argument("--release", type=_release_arg, metavar="R",
+                   help="uname -r of the emulated kernel (default: the profile's, e.g. "
+                   "7.1.0-khofs)")
     m.add_argument("--stat-size", choices=["content", "zero"], default="content",
                    help="st_size of files: their content length (default, so sendfile users "
                    "work) or 0 as debugfs reports")
@@ -494,11 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kexec", help="kexec the emulated kernel (load and exec, or one step)",
                        description="khofs kexec MNT = kexec -s -l + kexec -e; `khofs kexec load "
                        "MNT` and `khofs kexec exec MNT` are the two steps apart. In ABI 6.18 the "
-                       "handover is attached at load time, and only if finalized.")
+                       "handover is attached at load time, and only if finalized. --abi boots a "
+                       "kernel of another release, which judges the handover as that release "
+                       "would.")
     k.add_argument("words", nargs="+", metavar="[load|exec] MOUNTPOINT",
                    help="the step (both when omitted) and a khofs mount point")
     k.add_argument("--cmdline", help="command line of the next kernel (default: the current one)")
     k.add_argument("--release", help="uname -r of the next kernel")
+    k.add_argument("--abi", choices=list(PROFILES),
+                   help="ABI profile of the next kernel (default: the current one)")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.set_defaults(func=cmd_kexec)
 
@@ -573,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options of the mount(8) helper form that are khofs's own; the rest go to FUSE.
 HELPER_KEYS = {"cmdline": "--cmdline", "memory": "--memory", "nodes": "--nodes",
-               "boot_reserved": "--boot-reserved", "abi": "--abi", "stat_size": "--stat-size",
-               "state": "--state", "cache": "--cache"}
+               "boot_reserved": "--boot-reserved", "abi": "--abi", "release": "--release",
+               "stat_size": "--stat-size", "state": "--state", "cache": "--cache"}
 # Generic mount options mount.fuse passes along; FUSE takes them from the mount flags.
 GENERIC_FLAGS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
                  "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime",

@@ -75,8 +75,10 @@ class Client:
     def subtree_remove(self, name: str) -> None:
         self.call("subtree_remove", name=name)
 
-    def kexec(self, cmdline: str | None = None, release: str | None = None) -> dict:
-        fields = {k: v for k, v in (("cmdline", cmdline), ("release", release)) if v is not None}
+    def kexec(self, cmdline: str | None = None, release: str | None = None,
+              abi: str | None = None) -> dict:
+        fields = {k: v for k, v in (("cmdline", cmdline), ("release", release), ("abi", abi))
+                  if v is not None}
         return self.call("kexec", **fields)
 
     def fail(self, op: str, err) -> None:

@@ -18,6 +18,7 @@ import trio
 from .host import Host
 from .kernel.errors import KernelError
 from .kernel.physmem import PAGE_SHIFT, PAGE_SIZE
+from .kernel.profile import PROFILES
 from .kernel.producers.user import FailNext, UserSubtree, valid_node_name
 
 MAX_LINE = 256 << 20
@@ -189,11 +190,20 @@ class Control:
             raise BadRequest("'preserve' must be true or false")
         if not valid_node_name(name):
             raise BadRequest(f"{name!r} is not a valid node name (1-31 of [A-Za-z0-9,._+@-])")
-        taken = {p.name for p in kho.producers} | {"fdt"}
+        taken = {p.name for p in kho.producers} | set(self.subtrees)
+        if not kho.profile.fdt_at_boot:
+            taken.add("fdt")
         if name in taken:
             raise BadRequest(f"a subtree named {name!r} is already registered", errno.EEXIST)
         producer = UserSubtree(kho, name, blob, preserve)
-        kho.register_notifier(producer)
+        if kho.profile.fdt_at_boot:
+            try:
+                producer.register(kho)     # the kernel answers a taken name with EEXIST
+            except KernelError:
+                producer.release(kho)
+                raise
+        else:
+            kho.register_notifier(producer)
         self.subtrees[name] = producer
         return {"phys": producer.phys}
 
@@ -204,9 +214,13 @@ class Control:
         if producer is None:
             raise BadRequest(f"no subtree named {name!r} was added", errno.ENOENT)
         kho = self._kho()
-        kho.unregister_notifier(producer)
-        if not kho.finalized:
+        if kho.profile.fdt_at_boot:
+            producer.unregister(kho)
             producer.release(kho)
+        else:
+            kho.unregister_notifier(producer)
+            if not kho.finalized:
+                producer.release(kho)
         del self.subtrees[name]
 
     @command("subtree_list")
@@ -219,6 +233,9 @@ class Control:
         op = _str(req, "op")
         if op not in ("finalize", "abort"):
             raise BadRequest(f"can inject failures into finalize or abort, not {op!r}")
+        prof = self._kho().profile
+        if not prof.has_finalize or (op == "abort" and prof.fdt_at_boot):
+            raise BadRequest(f"ABI {prof.name} has no {op}", errno.EOPNOTSUPP)
         self._kho().register_notifier(FailNext(op, _errno_value(req["errno"])), first=True)
 
     @command("test_kho", [], ["seed"])
@@ -226,18 +243,25 @@ class Control:
         seed = _int(req, "seed") if "seed" in req else None
         self.m.start_test_kho(seed)
 
-    @command("kexec_load", [], ["cmdline", "release"])
+    @command("kexec_load", [], ["cmdline", "release", "abi"])
     def kexec_load(self, req):
-        return self.host.kexec_load(_str(req, "cmdline", True), _release(req))
+        return self.host.kexec_load(_str(req, "cmdline", True), _release(req), _abi(req))
 
     @command("kexec_exec")
     def kexec_exec(self, req):
         return self.host.kexec_exec()
 
-    @command("kexec", [], ["cmdline", "release"])
+    @command("kexec", [], ["cmdline", "release", "abi"])
     def kexec(self, req):
-        self.host.kexec_load(_str(req, "cmdline", True), _release(req))
+        self.host.kexec_load(_str(req, "cmdline", True), _release(req), _abi(req))
         return self.host.kexec_exec()
+
+
+def _abi(req):
+    a = _str(req, "abi", True)
+    if a is not None and a not in PROFILES:
+        raise BadRequest(f"unknown ABI profile {a!r} (known: {', '.join(PROFILES)})")
+    return a
 
 
 def _release(req):

@@ -199,8 +199,10 @@ class Tree:
                                                machine.scratch_phys_text))
         self.scratch_len = self._add(ShowFile(self, "scratch_len", self.out, 0o400,
                                               machine.scratch_len_text))
-        self.finalize = self._add(AttrFile(self, "finalize", self.out, 0o600,
-                                           lambda: int(kho_out.finalized), kho_out.set_finalize))
+        self.finalize = None
+        if machine.profile.has_finalize:
+            self.finalize = self._add(AttrFile(self, "finalize", self.out, 0o600,
+                                               lambda: int(kho_out.finalized), kho_out.set_finalize))
         kho_in = machine.kho_in
         if kho_in is not None:
             # kho_in_debugfs_init: in/, in/sub_fdts/, in/fdt, then one blob per subtree.
@@ -259,8 +261,10 @@ class Tree:
         return [n for (d, _), n in self.blob_nodes.items() if d == dirname]
 
     def _out_children(self):
-        return [self.out_sub, self.scratch_phys, self.scratch_len, self.finalize] + \
-            self._blob_children("out")
+        fixed = [self.out_sub, self.scratch_phys, self.scratch_len]
+        if self.finalize is not None:
+            fixed.append(self.finalize)
+        return fixed + self._blob_children("out")
 
     def take_removed(self) -> list:
         """(parent inode, name, inode) of files removed since the last call."""

@@ -7,17 +7,23 @@ The JSON form (`--json`) is one object per decoded FDT:
   NODE = {"name": str, "properties": [{"name": str, "length": int, "hex": str,
           "value": str|int|null, "kind": "string"|"u64"|"u32"|"bytes"}],
           "children": [NODE], "sub_fdt": DECODED|null}
-  MAP = {"chunks": int, "ranges": [{"order": int, "start": int, "size": int}],
-         "total_bytes": int, "error": str|null}
+  MAP = {"format": "chunk-list"|"radix-tree", "chunks": int,
+         "ranges": [{"order": int, "start": int, "size": int}], "total_bytes": int,
+         "error": str|null}   (radix-tree also has "tables": int, "leaves": int)
 `value` is the decoded value: strings as text, 8-byte properties as native-endian (LE) u64
-addresses, 4-byte ones as LE u32. `sub_fdt` is the FDT a node's `fdt` property points to,
-decoded the same way, when it can be read.
+addresses, 4-byte ones as LE u32. `sub_fdt` is the FDT a node's `fdt` (kho-v1) or
+`preserved-data` (kho-v3) property points to, decoded the same way, when it can be read.
+kho-v3 children also have "blob": {"size": int|null (blob-size), "read": int|null (bytes
+of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "metadata": {"version",
+"previous_release", "kexec_count"}|null}.
 """
 
 import struct
 
 from .kernel.fdt import FDT_HEADER, check_header, tree
+from .kernel.kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
 from .kernel.memtrack import MapError, walk_memory_map
+from .kernel.radix import tree_leaves, walk_leaves
 
 HEADER_FIELDS = ("magic", "totalsize", "off_dt_struct", "off_dt_strings", "off_mem_rsvmap",
                  "version", "last_comp_version", "boot_cpuid_phys", "size_dt_strings",
@@ -32,6 +38,10 @@ BINDINGS = {
                     "child": {"props": {"compatible": "string", "start": "u64", "size": "u64"},
                               "required": ["compatible", "start", "size"], "children": False,
                               "compatible": "reserve-mem-v1"}},
+    "kho-v3": {"props": {"compatible": "string", "preserved-memory-map": "u64"},
+               "required": ["compatible", "preserved-memory-map"],
+               "child": {"props": {"preserved-data": "u64", "blob-size": "u64"},
+                         "required": ["preserved-data", "blob-size"], "children": False}},
     "kho-test-v1": {"props": {"compatible": "string", "magic": "u32"},
                     "required": ["compatible", "magic"], "child": None},
 }
@@ -88,10 +98,16 @@ def decode(blob: bytes, path: str, mem: MemorySource | None = None, sub_blobs=No
     compat = next((p["value"] for p in root["properties"] if p["name"] == "compatible"), None)
     out["compatible"] = compat
     _check(root, out["problems"])
-    if compat == "kho-v1" and mem is not None:
+    if compat in ("kho-v1", "kho-v3") and mem is not None:
         pmm = next((p for p in root["properties"] if p["name"] == "preserved-memory-map"), None)
         if pmm is not None and pmm["kind"] == "u64":
-            out["memory_map"] = _memory_map(mem, pmm["value"])
+            if compat == "kho-v3":
+                out["memory_map"] = _radix_map(mem, pmm["value"])
+                if out["memory_map"]["error"]:
+                    out["problems"].append(f"memory map: broken radix tree: "
+                                           f"{out['memory_map']['error']}")
+            else:
+                out["memory_map"] = _memory_map(mem, pmm["value"])
     for child in root["children"]:
         if child.get("sub_fdt"):
             out["problems"] += [f"{child['name']}: {p}" for p in child["sub_fdt"]["problems"]]
@@ -102,6 +118,9 @@ def _node(t: dict, mem, sub_blobs, depth, path) -> dict:
     node = {"name": t["name"], "properties": [_prop(n, d) for n, d in t["props"]],
             "children": [_node(c, mem, sub_blobs, depth, path) for c in t["children"]],
             "sub_fdt": None}
+    if depth == 0 and any(p["name"] == "preserved-data" for p in node["properties"]):
+        _v3_child(node, t["name"], mem, sub_blobs, depth, path)
+        return node
     fdt_prop = next((p for p in node["properties"] if p["name"] == "fdt"), None)
     if fdt_prop is not None and fdt_prop["kind"] == "u64" and depth == 0:
         blob = sub_blobs.get(t["name"])
@@ -116,7 +135,55 @@ def _node(t: dict, mem, sub_blobs, depth, path) -> dict:
     return node
 
 
+def _v3_child(node: dict, name: str, mem, sub_blobs, depth, path) -> None:
+    """A kho-v3 child: the blob at preserved-data, of blob-size bytes, in any format."""
+    props = {p["name"]: p for p in node["properties"]}
+    pd, bs = props.get("preserved-data"), props.get("blob-size")
+    size = bs["value"] if bs is not None and bs["kind"] == "u64" else None
+    blob = sub_blobs.get(name)
+    if blob is None and mem is not None and pd["kind"] == "u64" and size is not None:
+        try:
+            blob = mem.read(pd["value"], min(size, 1 << 20))
+        except OSError:
+            blob = None
+    info = {"size": size, "read": None if blob is None else len(blob), "kind": "raw",
+            "metadata": None, "problems": []}
+    node["blob"] = info
+    if blob is None:
+        return
+    if size is not None and len(blob) != size:
+        info["problems"].append(f"blob-size {size} but {len(blob)} bytes read")
+    if name == KHO_METADATA_NODE_NAME:
+        info["kind"] = "kexec-metadata"
+        if len(blob) < 4:
+            info["problems"].append(f"kexec-metadata blob too small ({len(blob)} bytes)")
+            return
+        version = struct.unpack_from("<I", blob)[0]
+        md = {"version": version, "previous_release": None, "kexec_count": None}
+        info["metadata"] = md
+        if version != KHO_KEXEC_METADATA_VERSION:
+            info["problems"].append(f"kexec-metadata version {version} not supported "
+                                    f"(expected {KHO_KEXEC_METADATA_VERSION})")
+        if len(blob) != KEXEC_METADATA.size:
+            info["problems"].append(f"kexec-metadata is {len(blob)} bytes, expected "
+                                    f"{KEXEC_METADATA.size}")
+        if len(blob) >= KEXEC_METADATA.size:
+            _, rel, count = KEXEC_METADATA.unpack_from(blob)
+            md["previous_release"] = rel[:64].split(b"\0")[0].decode(errors="replace")
+            md["kexec_count"] = count
+        return
+    if check_header(blob) == 0:
+        info["kind"] = "fdt"
+        fdt_size = struct.unpack_from(">I", blob, 4)[0]
+        if size is not None and fdt_size != size:
+            info["problems"].append(f"blob-size {size} but the FDT's totalsize is {fdt_size}")
+        node["sub_fdt"] = decode(blob[:fdt_size], f"{path}:{name}", mem, None, depth + 1)
+
+
 def _check(root: dict, problems: list) -> None:
+    for child in root["children"]:
+        for p in (child.get("blob") or {}).get("problems", []):
+            problems.append(f"{child['name']}: {p}")
     compat = next((p for p in root["properties"] if p["name"] == "compatible"), None)
     if compat is None:
         problems.append("root: missing compatible")
@@ -124,8 +191,8 @@ def _check(root: dict, problems: list) -> None:
     rule = BINDINGS.get(compat["value"])
     if rule is None:
         if compat["value"] is not None and compat["value"].startswith("kho-v"):
-            problems.append(f"root: compatible {compat['value']!r} is not kho-v1 (the next "
-                            "kernel rejects it)")
+            problems.append(f"root: compatible {compat['value']!r} is not kho-v1 (6.16-7.0) "
+                            "nor kho-v3 (7.1): every emulated kernel rejects it")
         return
     _check_props("root", root, rule, problems)
     if rule["child"] is not None:
@@ -154,8 +221,33 @@ def _check_props(where: str, node: dict, rule: dict, problems: list) -> None:
                             f"({kind}, native endian)")
 
 
+def _radix_map(mem: MemorySource, root: int) -> dict:
+    out = {"format": "radix-tree", "chunks": 0, "tables": 0, "leaves": 0, "ranges": [],
+           "total_bytes": 0, "error": None}
+    seen = set()
+    try:
+        if not root:
+            raise MapError("the tree root is 0")
+        leaves = tree_leaves(mem, root, seen)
+        out["leaves"], out["tables"] = len(leaves), len(seen) - len(leaves)
+        pending = None
+        for run in walk_leaves(mem, leaves):
+            if pending and pending[0] == run[0] and pending[1] + pending[2] == run[1]:
+                pending = (pending[0], pending[1], pending[2] + run[2])
+                continue
+            if pending:
+                out["ranges"].append({"order": pending[0], "start": pending[1], "size": pending[2]})
+            pending = run
+        if pending:
+            out["ranges"].append({"order": pending[0], "start": pending[1], "size": pending[2]})
+        out["total_bytes"] = sum(r["size"] for r in out["ranges"])
+    except (MapError, OSError) as e:
+        out["error"] = str(e)
+    return out
+
+
 def _memory_map(mem: MemorySource, first: int) -> dict:
-    out = {"chunks": 0, "ranges": [], "total_bytes": 0, "error": None}
+    out = {"format": "chunk-list", "chunks": 0, "ranges": [], "total_bytes": 0, "error": None}
     try:
         for order, phys, size in walk_memory_map(mem, first, mem.bits):
             out["ranges"].append({"order": order, "start": phys, "size": size})
@@ -184,9 +276,13 @@ def render(d: dict, indent: str = "") -> str:
     if d["root"] is not None:
         _render_node(d["root"], indent + "  ", lines, top=True)
     m = d["memory_map"]
-    if m is not None:
+    if m is not None and m.get("format") == "radix-tree":
+        lines.append(f"{indent}  memory map: radix tree, {m['tables']} table(s), "
+                     f"{m['leaves']} leaf bitmap(s), {_fmt_size(m['total_bytes'])} preserved")
+    elif m is not None:
         lines.append(f"{indent}  memory map: {m['chunks']} chunk(s), "
                      f"{_fmt_size(m['total_bytes'])} preserved")
+    if m is not None:
         for r in m["ranges"]:
             n = r["size"] >> (12 + r["order"])
             lines.append(f"{indent}    order {r['order']:2}: [0x{r['start']:x}, "
@@ -216,6 +312,14 @@ def _render_node(node: dict, indent: str, lines: list, top=False) -> None:
         else:
             v = f"[{p['hex']}] ({p['length']} bytes)"
         lines.append(f"{indent}{p['name']} = {v}")
+    blob = node.get("blob")
+    if blob is not None:
+        got = "not readable" if blob["read"] is None else f"{blob['read']} bytes read"
+        lines.append(f"{indent}-> blob: {blob['kind']}, blob-size {blob['size']}, {got}")
+        md = blob["metadata"]
+        if md is not None:
+            lines.append(f"{indent}   version {md['version']}, previous release "
+                         f"{md['previous_release']!r}, kexec count {md['kexec_count']}")
     if node.get("sub_fdt"):
         sub = node["sub_fdt"]
         lines.append(f"{indent}-> sub-FDT {sub['compatible'] or '?'}, {sub['size']} bytes:")

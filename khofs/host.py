@@ -43,9 +43,9 @@ class Host:
         for note in self.machine.kexec_notes:
             self.log(f"khofs: kexec: {note}")
 
-    def kexec_load(self, cmdline=None, release=None) -> dict:
-        img = self.machine.kexec_load(cmdline, release)
-        return {"cmdline": img.cmdline, "release": img.release,
+    def kexec_load(self, cmdline=None, release=None, abi=None) -> dict:
+        img = self.machine.kexec_load(cmdline, release, abi)
+        return {"cmdline": img.cmdline, "release": img.release, "abi": img.abi,
                 "handover": img.fdt_phys is not None}
 
     def kexec_exec(self) -> dict:

@@ -27,10 +27,15 @@ from . import runtime
 class KhofsMount:
     """A mounted khofs: paths into the tree, and the control plane."""
 
-    def __init__(self, mountpoint, cmdline: str = "kho=on", args=()):
+    def __init__(self, mountpoint, cmdline: str = "kho=on", args=(), abi: str | None = None,
+                 release: str | None = None):
         self.root = Path(os.path.realpath(mountpoint))
         self.cmdline = cmdline
         self.args = list(args)
+        if abi is not None:
+            self.args += ["--abi", abi]
+        if release is not None:
+            self.args += ["--release", release]
         self.kho = self.root / "kho"
         self.out = self.kho / "out"
         self.in_ = self.kho / "in"
@@ -67,8 +72,9 @@ class KhofsMount:
     def abort(self) -> None:
         self.write_finalize(b"0\n")
 
-    def kexec(self, cmdline: str | None = None, release: str | None = None) -> dict:
-        return self.ctl.kexec(cmdline, release)
+    def kexec(self, cmdline: str | None = None, release: str | None = None,
+              abi: str | None = None) -> dict:
+        return self.ctl.kexec(cmdline, release, abi)
 
     def status(self) -> dict:
         return self.ctl.status()
@@ -96,8 +102,8 @@ class KhofsMount:
 
 
 @contextlib.contextmanager
-def mounted(mountpoint, cmdline: str = "kho=on", args=()):
-    m = KhofsMount(mountpoint, cmdline, args)
+def mounted(mountpoint, cmdline: str = "kho=on", args=(), abi=None, release=None):
+    m = KhofsMount(mountpoint, cmdline, args, abi, release)
     try:
         yield m.start()
     finally:
@@ -106,8 +112,9 @@ def mounted(mountpoint, cmdline: str = "kho=on", args=()):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", 'khofs(cmdline="kho=on ...", args=[...]): the kernel command line and extra '
-        "`khofs mount` arguments for the khofs fixture")
+        "markers", 'khofs(cmdline="kho=on ...", args=[...], abi="7.1", release="..."): the '
+        "kernel command line, extra `khofs mount` arguments, ABI profile and uname -r for the "
+        "khofs fixture")
 
 
 @pytest.fixture
@@ -115,5 +122,6 @@ def khofs(request, tmp_path):
     """A khofs mount in a temporary directory, unmounted after the test whatever happens."""
     marker = request.node.get_closest_marker("khofs")
     kwargs = marker.kwargs if marker else {}
-    with mounted(tmp_path / "khofs", kwargs.get("cmdline", "kho=on"), kwargs.get("args", ())) as m:
+    with mounted(tmp_path / "khofs", kwargs.get("cmdline", "kho=on"), kwargs.get("args", ()),
+                 kwargs.get("abi"), kwargs.get("release")) as m:
         yield m

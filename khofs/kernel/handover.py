@@ -20,6 +20,7 @@ class KexecImage:
     # Attached at load time by kho_fill_kimage; None when the image carries no handover.
     fdt_phys: int | None = None
     scratch_bytes: bytes | None = None
+    abi: str | None = None          # the loaded kernel's ABI profile
 
 
 @dataclass

@@ -1,18 +1,26 @@
 """kho_out: the outgoing handover (tracker, producers, finalize/abort, debugfs blob list)."""
 
 import errno
+import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+import libfdt
+
 from .errors import KernelError
-from .fdt import PageFdtSw, prop_value_offset, totalsize, u64
+from .fdt import PageFdtSw, fdt_errno, prop_value_offset, totalsize, u64
 from .memtrack import MemTracker
+from .radix import RadixTracker
 from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, PageAllocator, PhysMem
 from .profile import Profile
 
 KHO_FDT_COMPATIBLE = "kho-v1"
 PROP_PRESERVED_MEMORY_MAP = "preserved-memory-map"
 PROP_SUB_FDT = "fdt"
+PROP_BLOB_SIZE = "blob-size"
+KHO_METADATA_NODE_NAME = "kexec-metadata"
+KHO_KEXEC_METADATA_VERSION = 1
+KEXEC_METADATA = struct.Struct("<I65sI")       # packed: version, previous_release, kexec_count
 
 
 class Producer:
@@ -51,15 +59,56 @@ class KhoOut:
     map_chunks: list = field(default_factory=list)
     seq: int = 0
     generation: int = 0      # bumped whenever fdt_list changes
+    cold_boot: bool = True   # no handover was accepted (6.19+: out/fdt exists only then)
+    release: str = ""
+    in_kexec_count: int = 0  # kho_in.kexec_count (7.1 kexec-metadata), 0 on a cold boot
 
     def __post_init__(self):
-        self.track = MemTracker(self.mem, self.kmalloc, self.profile.preserve_bits)
-        # kho_init: the root FDT lives in one page for the kernel's lifetime.
-        self.fdt_page = self.pages.alloc_pages(0)
+        prof = self.profile
+        self.metadata_phys = None
+        if prof.radix:
+            self.track = RadixTracker(self.mem, self.kmalloc)
+        else:
+            self.track = MemTracker(self.mem, self.kmalloc, prof.preserve_bits)
+        if not prof.fdt_at_boot:
+            # kho_init: the root FDT lives in one page for the kernel's lifetime.
+            self.fdt_page = self.pages.alloc_pages(0)
+            return
+        # kho_init: kho_alloc_preserve(PAGE_SIZE), then kho_out_fdt_setup.
+        self.fdt_page = self.alloc_preserve(PAGE_SIZE)
+        sw = PageFdtSw(PAGE_SIZE)
+        sw.finish_reservemap()
+        sw.begin_node("")
+        sw.property_string("compatible", prof.compatible)
+        sw.property(PROP_PRESERVED_MEMORY_MAP, u64(self.track.root if prof.radix else 0))
+        sw.end_node()
+        self.mem.write(self.fdt_page, sw.finish())
+        if prof.kexec_metadata:
+            # kho_out_kexec_metadata: the release and count for the next kernel.
+            self.metadata_phys = self.alloc_preserve(KEXEC_METADATA.size)
+            self.mem.write(self.metadata_phys, KEXEC_METADATA.pack(
+                KHO_KEXEC_METADATA_VERSION, self.release.encode()[:64],
+                (self.in_kexec_count + 1) & 0xFFFFFFFF))
+            self.add_subtree(KHO_METADATA_NODE_NAME, self.metadata_phys, KEXEC_METADATA.size)
+        if self.cold_boot:
+            # The out/fdt blob's size is fixed here; later subtrees grow the FDT past it.
+            self._debugfs_add("out", "fdt", self.fdt_page, totalsize(self.root_fdt()))
+
+    def alloc_preserve(self, size: int) -> int:
+        """kho_alloc_preserve: zeroed pages of get_order(size), preserved as one folio."""
+        order = max(0, (size - 1).bit_length() - PAGE_SHIFT)
+        phys = self.pages.alloc_pages(order)
+        try:
+            self.preserve_folio(phys, order)
+        except KernelError:
+            self.pages.free_pages(phys, order)
+            raise
+        return phys
 
     # -- preservation API -------------------------------------------------
     def _check_busy(self):
-        if self.finalized:
+        # 6.19+ keeps accepting preservations after a finalize.
+        if self.finalized and not self.profile.fdt_at_boot:
             raise KernelError(errno.EBUSY, "KHO is finalized: preservations are frozen")
 
     def _check_range(self, phys: int, size: int):
@@ -89,13 +138,19 @@ class KhoOut:
         """kho_preserve_pages (kho_preserve_phys in 6.16): split greedily into orders."""
         self._check_busy()
         self._check_range(phys, size)
-        self.track.preserve_pages(phys >> PAGE_SHIFT, size >> PAGE_SHIFT)
+        self._preserve_pages(phys >> PAGE_SHIFT, size >> PAGE_SHIFT)
+
+    def _preserve_pages(self, pfn, nr_pages):
+        if self.profile.radix:
+            self.track.preserve_pages(pfn, nr_pages, self.mem.node_of)
+        else:
+            self.track.preserve_pages(pfn, nr_pages)
 
     def preserve_pfns(self, pfn: int, nr_pages: int) -> None:
         """kho_preserve_pages(pfn_to_page(pfn), nr_pages), as kernel users call it."""
         self._check_busy()
         self.mem.check_range(pfn << PAGE_SHIFT, nr_pages << PAGE_SHIFT)
-        self.track.preserve_pages(pfn, nr_pages)
+        self._preserve_pages(pfn, nr_pages)
 
     def unpreserve_folio(self, phys: int, order: int) -> None:
         self._check_busy()
@@ -117,20 +172,89 @@ class KhoOut:
     def unregister_notifier(self, producer: Producer) -> None:
         self.producers.remove(producer)
 
-    def _debugfs_add(self, dirname: str, name: str, phys: int) -> None:
+    def _debugfs_add(self, dirname: str, name: str, phys: int, size: int | None = None) -> None:
         if any(b.name == name and d == dirname for d, b in self.fdt_list):
             raise KernelError(errno.EEXIST, f"debugfs entry {dirname}/{name} exists")
         self.seq += 1
         self.generation += 1
-        self.fdt_list.append((dirname, Blob(name, phys, totalsize(self.mem.read(phys, 8)), self.seq)))
+        if size is None:
+            size = totalsize(self.mem.read(phys, 8))
+        self.fdt_list.append((dirname, Blob(name, phys, size, self.seq)))
 
-    def add_subtree(self, name: str, fdt_phys: int) -> None:
+    def add_subtree(self, name: str, fdt_phys: int, size: int | None = None) -> None:
         """kho_add_subtree: a child NAME { fdt = <phys> } in the root FDT, and its debugfs blob."""
+        if self.profile.fdt_at_boot:
+            self._add_subtree_in_place(name, fdt_phys, size)
+            return
         sw = self._sw
         sw.begin_node(name)
         sw.property(PROP_SUB_FDT, u64(fdt_phys))
         sw.end_node()
         self._debugfs_add("sub_fdts", name, fdt_phys)
+
+    def _open_root(self) -> bytearray:
+        """fdt_open_into(root, root, PAGE_SIZE) on the page's own bytes."""
+        buf = bytearray(self.mem.read(self.fdt_page, PAGE_SIZE))
+        if libfdt.fdt_open_into(buf, buf, PAGE_SIZE) < 0:
+            raise KernelError(errno.ENOMEM, "the root FDT cannot be opened")
+        return buf
+
+    def _add_subtree_in_place(self, name: str, phys: int, size: int | None) -> None:
+        """6.19+: edit the live root FDT with libfdt; children end up newest first."""
+        prof = self.profile
+        buf = self._open_root()
+        err = None
+        off = libfdt.fdt_add_subnode(buf, 0, name)
+        if off < 0:
+            err = KernelError(errno.EEXIST if off == -libfdt.EXISTS else errno.ENOMEM,
+                              f"subtree {name!r}: {libfdt.fdt_strerror(off)}")
+        else:
+            props = [(prof.sub_prop, u64(phys))]
+            if prof.blob_size:
+                props.append((PROP_BLOB_SIZE, u64(size)))
+            for pname, val in props:
+                ret = libfdt.fdt_setprop(buf, off, pname, val, len(val))
+                if ret < 0:
+                    # The kernel hands the libfdt error back as is; the node stays.
+                    err = KernelError(fdt_errno(ret), f"subtree {name!r}: {libfdt.fdt_strerror(ret)}")
+                    break
+        if err is None:
+            self._debugfs_add("sub_fdts", name, phys, size)
+        libfdt.fdt_pack(buf)
+        self.mem.write(self.fdt_page, buf)
+        if err is not None:
+            raise err
+
+    def remove_subtree(self, phys: int) -> None:
+        """kho_remove_subtree: drop the child that points at phys, and its debugfs blob."""
+        buf = self._open_root()
+        f = libfdt.Fdt(buf)
+        off = f.first_subnode(0, (libfdt.NOTFOUND,))
+        while off >= 0:
+            val = f.getprop(off, self.profile.sub_prop, (libfdt.NOTFOUND,))
+            if not isinstance(val, int) and len(val) == 8 and int.from_bytes(val, "little") == phys:
+                libfdt.fdt_del_node(buf, off)
+                before = len(self.fdt_list)
+                self.fdt_list = [(d, b) for d, b in self.fdt_list
+                                 if not (d == "sub_fdts" and b.phys == phys)]
+                if len(self.fdt_list) != before:
+                    self.generation += 1
+                break
+            off = f.next_subnode(off, (libfdt.NOTFOUND,))
+        libfdt.fdt_pack(buf)
+        self.mem.write(self.fdt_page, buf)
+
+    def _refresh(self) -> None:
+        """6.19 kho_finalize: serialize the map again, swap it into the FDT in place."""
+        for p in list(self.producers):
+            p.finalize(self)          # only fault injection sits here in 6.19+
+        first, chunks = self.track.serialize()
+        page = bytearray(self.mem.read(self.fdt_page, PAGE_SIZE))
+        off = prop_value_offset(page, 0, PROP_PRESERVED_MEMORY_MAP)
+        self.mem.write(self.fdt_page + off, u64(first))
+        for c in self.map_chunks:           # kho_update_memory_map frees the previous list
+            self.kmalloc.kfree(c)
+        self.preserved_mem_map, self.map_chunks = first, chunks
 
     # -- finalize / abort ---------------------------------------------------
     def _finalize(self) -> None:
@@ -180,6 +304,13 @@ class KhoOut:
 
     def set_finalize(self, val: int) -> None:
         """kho_out_finalize_set: the write handler of out/finalize."""
+        if self.profile.fdt_at_boot:
+            # 6.19: any nonzero value refreshes the map; 0 is always EINVAL.
+            if not val:
+                raise KernelError(errno.EINVAL, "KHO finalization cannot be undone in this ABI")
+            self._refresh()
+            self.finalized = True
+            return
         want = bool(val)
         if want == self.finalized:
             if self.finalized:

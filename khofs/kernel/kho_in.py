@@ -5,10 +5,15 @@ from dataclasses import dataclass, field
 
 from .errors import KernelError
 from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
-from .kho import KHO_FDT_COMPATIBLE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT, Blob
+from .kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME, \
+    PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, Blob
 from .memtrack import MapError, walk_memory_map
 from .physmem import PAGE_SIZE, PhysMem
+from .profile import PROFILES, Profile
+from .radix import walk_radix_map
 from .scratch import decode_scratch
+
+DEFAULT = PROFILES["6.18"]
 
 
 @dataclass
@@ -18,11 +23,25 @@ class KhoIn:
     scratch: list
     blobs: list = field(default_factory=list)     # in/sub_fdts entries
     fdt_blob: Blob | None = None
+    profile: Profile = DEFAULT
+    kexec_count: int = 0                          # 7.1: from the kexec-metadata blob
+    previous_release: str | None = None
 
 
-def kho_populate(mem: PhysMem, fdt_phys: int, scratch_phys: int, scratch_len: int, log):
+def _map_phys(fdt, profile: Profile, log):
+    """kho_get_mem_map_phys: the map's address, or 0 (with the kernel's error if missing)."""
+    prop = getprop(fdt, 0, PROP_PRESERVED_MEMORY_MAP)
+    if prop is None or len(prop) != 8:
+        log(profile.map_error_line)
+        return 0
+    return int.from_bytes(prop, "little")
+
+
+def kho_populate(mem: PhysMem, fdt_phys: int, scratch_phys: int, scratch_len: int, log,
+                 profile: Profile = DEFAULT):
     """Validate the handover like kho_populate(); returns KhoIn or None (revival disabled)."""
     err = 0
+    compat = profile.compatible
     try:
         if fdt_phys is None or fdt_phys % PAGE_SIZE or fdt_phys + PAGE_SIZE > mem.size:
             log(f"KHO: setup: failed to memremap FDT (0x{fdt_phys or 0:x})")
@@ -34,11 +53,15 @@ def kho_populate(mem: PhysMem, fdt_phys: int, scratch_phys: int, scratch_len: in
             log(f"KHO: setup: handover FDT (0x{fdt_phys:x}) is invalid: {ret}")
             err = -errno.EINVAL
             return None
-        ret = node_check_compatible(fdt, 0, KHO_FDT_COMPATIBLE)
+        ret = node_check_compatible(fdt, 0, compat)
         if ret:
             log(f"KHO: setup: handover FDT (0x{fdt_phys:x}) is incompatible with "
-                f"'{KHO_FDT_COMPATIBLE}': {ret}")
+                f"'{compat}': {ret}")
             err = -errno.EINVAL
+            return None
+        if profile.fdt_at_boot and not _map_phys(fdt, profile, log):
+            # 6.19+: a map of 0 (never finalized) or none at all is no handover.
+            err = -errno.ENOENT
             return None
         if scratch_phys is None or scratch_phys + scratch_len > mem.size:
             log(f"KHO: setup: failed to memremap scratch (phys=0x{scratch_phys or 0:x}, "
@@ -46,22 +69,27 @@ def kho_populate(mem: PhysMem, fdt_phys: int, scratch_phys: int, scratch_len: in
             err = -errno.EFAULT
             return None
         scratch = decode_scratch(mem.read(scratch_phys, scratch_len))
-        log("KHO: found kexec handover data. Will skip init for some devices")
-        return KhoIn(fdt_phys, scratch_phys, scratch)
+        log(profile.found_line)
+        return KhoIn(fdt_phys, scratch_phys, scratch, profile=profile)
     finally:
         if err:
-            log(f"KHO: disabling KHO revival: {err}")
+            log(profile.revival_line(err))
 
 
-def preserved_runs(mem: PhysMem, fdt_phys: int, bits: int, log=None):
-    """kho_mem_deserialize: the preserved (order, phys, size) runs, or [] with the kernel's error."""
+def preserved_runs(mem: PhysMem, fdt_phys: int, bits: int, log=None, profile: Profile = DEFAULT):
+    """kho_mem_deserialize / kho_mem_retrieve: the preserved (order, phys, size) runs.
+
+    Raises MapError for a radix tree the kernel could not walk; a chunk list that cannot
+    be read gives [] with a khofs line, as before."""
     fdt = mem.read(fdt_phys, PAGE_SIZE)
     prop = getprop(fdt, 0, PROP_PRESERVED_MEMORY_MAP)
     if prop is None or len(prop) != 8:
         if log:
-            log("KHO: failed to get preserved memory bitmaps")
+            log(profile.map_error_line)
         return []
     first = int.from_bytes(prop, "little")
+    if profile.radix:
+        return list(walk_radix_map(mem, first))
     try:
         return list(walk_memory_map(mem, first, bits))
     except MapError as e:
@@ -70,35 +98,86 @@ def preserved_runs(mem: PhysMem, fdt_phys: int, bits: int, log=None):
         return []
 
 
-def sub_fdt_entries(mem: PhysMem, fdt_phys: int, log):
-    """kho_in_debugfs_init: one blob per root child whose `fdt` property is 8 bytes."""
+def sub_fdt_entries(mem: PhysMem, fdt_phys: int, log, profile: Profile = DEFAULT):
+    """kho_in_debugfs_init: one blob per root child with a valid subtree property."""
     fdt = mem.read(fdt_phys, PAGE_SIZE)
+    prop_name = profile.sub_prop
     out = []
     for name, off in subnodes(fdt, 0):
-        prop = getprop(fdt, off, PROP_SUB_FDT)
+        prop = getprop(fdt, off, prop_name)
         if prop is None:
             continue
         if len(prop) != 8:
-            log(f"KHO: node `{name}`'s prop `fdt` has invalid length: {len(prop)}")
+            if profile.fdt_at_boot:
+                log(f"KHO: node {name} prop {prop_name} has invalid length: {len(prop)}")
+            else:
+                log(f"KHO: node `{name}`'s prop `fdt` has invalid length: {len(prop)}")
             continue
         phys = int.from_bytes(prop, "little")
-        size = totalsize(mem.read(phys, 8)) if phys + 8 <= mem.size else 0
+        if profile.blob_size:
+            bs = getprop(fdt, off, PROP_BLOB_SIZE)
+            if bs is None or len(bs) != 8:
+                log(f"KHO: node {name} missing or invalid {PROP_BLOB_SIZE} property")
+                continue
+            size = int.from_bytes(bs, "little")
+        else:
+            size = totalsize(mem.read(phys, 8)) if phys + 8 <= mem.size else 0
         if phys + max(size, 8) > mem.size:
-            log(f"khofs: sub-FDT '{name}' at 0x{phys:x} ({size} bytes) runs past the end of "
+            log(f"khofs: sub-blob '{name}' at 0x{phys:x} ({size} bytes) runs past the end of "
                 "memory: reading beyond it fails with EFAULT (a real kernel would fault)")
         out.append((name, phys, size))
     return out
 
 
-def retrieve_subtree(kho_in: "KhoIn | None", mem: PhysMem, name: str) -> int:
-    """kho_retrieve_subtree: phys of the named sub-FDT."""
+def retrieve_subtree(kho_in: "KhoIn | None", mem: PhysMem, name: str, log=None):
+    """kho_retrieve_subtree: phys of the named sub-blob; (phys, size) with blob-size."""
     if kho_in is None:
         raise KernelError(errno.ENOENT, "no handover")
+    profile = kho_in.profile
     fdt = mem.read(kho_in.fdt_phys, PAGE_SIZE)
     for child, off in subnodes(fdt, 0):
         if child == name:
-            prop = getprop(fdt, off, PROP_SUB_FDT)
+            prop = getprop(fdt, off, profile.sub_prop)
             if prop is None or len(prop) != 8:
-                raise KernelError(errno.EINVAL, f"subtree {name!r} has no valid fdt property")
-            return int.from_bytes(prop, "little")
+                raise KernelError(errno.EINVAL, f"subtree {name!r} has no valid "
+                                  f"{profile.sub_prop} property")
+            phys = int.from_bytes(prop, "little")
+            if not profile.blob_size:
+                return phys
+            bs = getprop(fdt, off, PROP_BLOB_SIZE)
+            if bs is None or len(bs) != 8:
+                if log:
+                    log(f"KHO: broken KHO subnode '{name}': missing or invalid blob-size property")
+                raise KernelError(errno.EINVAL, f"subtree {name!r} has no valid blob-size")
+            return phys, int.from_bytes(bs, "little")
     raise KernelError(errno.ENOENT, f"no subtree {name!r}")
+
+
+def kexec_metadata_in(kho_in: KhoIn, mem: PhysMem, log) -> None:
+    """kho_in_kexec_metadata: the previous kernel's release and count, with its checks."""
+    try:
+        phys, size = retrieve_subtree(kho_in, mem, KHO_METADATA_NODE_NAME, log)
+    except KernelError:
+        return              # the previous kernel did not export metadata
+    if size < 4:
+        log(f"KHO: kexec-metadata blob too small ({size} bytes)")
+        return
+    if phys + 4 > mem.size:
+        log(f"khofs: kexec-metadata at 0x{phys:x} is outside memory; a real kernel would fault")
+        return
+    version = int.from_bytes(mem.read(phys, 4), "little")
+    if version != KHO_KEXEC_METADATA_VERSION:
+        log(f"KHO: kexec-metadata version {version} not supported "
+            f"(expected {KHO_KEXEC_METADATA_VERSION})")
+        return
+    if size < KEXEC_METADATA.size:
+        log(f"KHO: kexec-metadata blob too small for v{version} ({size} < {KEXEC_METADATA.size})")
+        return
+    if phys + KEXEC_METADATA.size > mem.size:
+        log(f"khofs: kexec-metadata at 0x{phys:x} is outside memory; a real kernel would fault")
+        return
+    _, rel, count = KEXEC_METADATA.unpack(mem.read(phys, KEXEC_METADATA.size))
+    # strscpy into a 65-byte buffer: up to the first NUL, at most 64 bytes.
+    kho_in.previous_release = rel[:64].split(b"\0")[0].decode(errors="replace")
+    kho_in.kexec_count = count
+    log(f"KHO: exec from: {kho_in.previous_release} (count {count})")

@@ -8,9 +8,11 @@ from .errors import KernelError
 from .fdt import FDT_HEADER, check_header, getprop, node_check_compatible, subnodes, totalsize
 from .handover import Handover, KexecImage
 from .kho import KhoOut
-from .kho_in import kho_populate, preserved_runs, retrieve_subtree, sub_fdt_entries
+from .kho_in import (kexec_metadata_in, kho_populate, preserved_runs, retrieve_subtree,
+                     sub_fdt_entries)
 from .kstrtox import kstrtobool
 from .memtrack import KHOSER_BITMAP_SIZE, MapError, chunk_elements, iter_chunks
+from .radix import tree_leaves
 from .physmem import PAGE_SHIFT, PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem, RangeSet
 from .producers.memblock import (MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE,
                                  RESERVE_MEM_KHO_NODE_COMPATIBLE, MemblockProducer, ReserveMem,
@@ -30,6 +32,7 @@ class MachineConfig:
     nodes: int = 1
     boot_reserved: int = 64 << 20
     abi: str = DEFAULT_PROFILE
+    release: str | None = None     # uname -r; None: the profile's default
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Machine:
         self.config = config = config or MachineConfig()
         self.cmdline = cmdline
         self.profile = get_profile(config.abi)
-        self.release = release or self.profile.release
+        self.release = release or config.release or self.profile.release
         self.kexec_count = handover.kexec_count if handover else 0
         self.previous_release = handover.previous_release if handover else None
         self.dmesg: list[LogLine] = []
@@ -56,8 +59,6 @@ class Machine:
         self.mem = PhysMem(config.memory, config.nodes)
         self.memblock = Memblock(self.mem)
         self.memblock.reserve(0, SZ_1M)                  # firmware's low 1 MiB
-        if self.previous_release is not None:
-            self.info(f"khofs: exec from: {self.previous_release} (count {self.kexec_count})")
 
         self.kho_in = None
         if handover is not None and handover.fdt_phys is not None:
@@ -65,7 +66,7 @@ class Machine:
                 # An in-process kexec hands the old kernel's page buffers over without a copy.
                 self.mem.pages[pfn] = data if isinstance(data, bytearray) else bytearray(data)
             self.kho_in = kho_populate(self.mem, handover.fdt_phys, handover.scratch_phys,
-                                       handover.scratch_len, self.info_or_warn)
+                                       handover.scratch_len, self.info_or_warn, self.profile)
             if self.kho_in is None:
                 self.mem.pages.clear()
             else:
@@ -105,9 +106,13 @@ class Machine:
         self.pages = PageAllocator(self.mem, self.memblock, [(a, a + s) for a, s in self.scratch])
         self.kmalloc = Kmalloc(self.pages)
         self.kho_out = None
+        if self.kho_enable and self.kho_in is not None and self.profile.kexec_metadata:
+            kexec_metadata_in(self.kho_in, self.mem, self.info_or_warn)
         if self.kho_enable:
             try:
-                self.kho_out = KhoOut(self.mem, self.pages, self.kmalloc, self.profile, self.log_line)
+                self.kho_out = KhoOut(self.mem, self.pages, self.kmalloc, self.profile, self.log_line,
+                                      cold_boot=self.kho_in is None, release=self.release,
+                                      in_kexec_count=self.kho_in.kexec_count if self.kho_in else 0)
             except KernelError as e:
                 if e.errno != errno.ENOMEM:
                     raise
@@ -118,12 +123,17 @@ class Machine:
                 self.warn("khofs: kho_init: no free page for the root FDT (-ENOMEM), KHO disabled")
         if self.kho_enable and self.kho_in is not None:
             # kho_in_debugfs_init(), at the end of a kho_init() that got this far.
-            self.kho_in.blobs = sub_fdt_entries(self.mem, self.kho_in.fdt_phys, self.warn)
+            self.kho_in.blobs = sub_fdt_entries(self.mem, self.kho_in.fdt_phys, self.warn,
+                                                self.profile)
         if self.kho_enable:
             if self.test_kho:
                 self._test_kho_init()
             if self.reserve_mem:
-                self.kho_out.register_notifier(MemblockProducer(self.kho_out, self.reserve_mem))
+                producer = MemblockProducer(self.kho_out, self.reserve_mem)
+                if self.profile.fdt_at_boot:
+                    producer.init_subtree(self.kho_out)     # late_initcall, no notifier
+                else:
+                    self.kho_out.register_notifier(producer)
 
     # -- logging ------------------------------------------------------------
     def info(self, text: str) -> None:
@@ -133,7 +143,8 @@ class Machine:
         self.dmesg.append(LogLine("warn", text))
 
     def info_or_warn(self, text: str) -> None:
-        (self.info if "found kexec handover" in text else self.warn)(text)
+        info = "found kexec handover" in text or text.startswith("KHO: exec from:")
+        (self.info if info else self.warn)(text)
 
     def log_line(self, text: str) -> None:
         (self.warn if "Failed" in text else self.info)(text)
@@ -173,7 +184,9 @@ class Machine:
         if self.kho_in is None:
             return None
         try:
-            phys = retrieve_subtree(self.kho_in, self.mem, MEMBLOCK_KHO_FDT)
+            phys = retrieve_subtree(self.kho_in, self.mem, MEMBLOCK_KHO_FDT, self.warn)
+            if isinstance(phys, tuple):
+                phys = phys[0]
         except KernelError as e:
             if e.errno != errno.ENOENT:
                 self.warn(f"failed to retrieve FDT '{MEMBLOCK_KHO_FDT}' from KHO: {-e.errno}")
@@ -212,12 +225,18 @@ class Machine:
     def _test_kho_init(self, seed=None) -> None:
         """The test module's init: restore an incoming kho_test, or preserve fresh folios."""
         try:
-            phys = retrieve_subtree(self.kho_in, self.mem, KHO_TEST_FDT)
+            phys = retrieve_subtree(self.kho_in, self.mem, KHO_TEST_FDT, self.warn)
+            if isinstance(phys, tuple):
+                phys = phys[0]
         except KernelError as e:
             if e.errno != errno.ENOENT:
                 self.warn(f"{TEST_PREFIX}failed to retrieve {KHO_TEST_FDT} FDT: {-e.errno}")
                 return
-            self.kho_out.register_notifier(TestKho(self.kho_out, seed), first=True)
+            producer = TestKho(self.kho_out, seed)
+            if self.profile.fdt_at_boot:
+                producer.init_subtree(self.kho_out)
+            else:
+                self.kho_out.register_notifier(producer, first=True)
             return
         if test_kho_restore(self.mem, phys, self.incoming_runs):
             self.info(f"{TEST_PREFIX}KHO restore succeeded")
@@ -228,7 +247,9 @@ class Machine:
         """Load the test module at run time (as `modprobe test_kho` would)."""
         if not self.kho_enable:
             raise KernelError(errno.ENODEV, "KHO is not enabled")
-        if any(isinstance(p, TestKho) for p in self.kho_out.producers):
+        if any(isinstance(p, TestKho) for p in self.kho_out.producers) or \
+                (self.profile.fdt_at_boot and
+                 any(b.name == KHO_TEST_FDT for b in self.kho_out.blobs("sub_fdts"))):
             raise KernelError(errno.EEXIST, "test_kho is already loaded")
         self._test_kho_init(seed)
 
@@ -236,7 +257,17 @@ class Machine:
         """kho_memory_init after a KHO kexec: reuse scratch, reserve every preserved block."""
         self.scratch = list(self.kho_in.scratch)
         self.scratch_array = self.kho_in.scratch_phys
-        runs = preserved_runs(self.mem, self.kho_in.fdt_phys, self.profile.preserve_bits, self.warn)
+        try:
+            runs = preserved_runs(self.mem, self.kho_in.fdt_phys, self.profile.preserve_bits,
+                                  self.warn, self.profile)
+        except MapError as e:
+            # kho_mem_retrieve failing clears kho_in.fdt_phys: the boot goes on as a cold one
+            # (on scratch it already uses). A real kernel would fault on such a pointer.
+            self.warn(f"khofs: the preserved-memory tree is broken ({e}); a real kernel would "
+                      "fault walking it: KHO revival is treated as failed")
+            self.kho_in = None
+            self.memblock.scratch_only = None
+            return
         fdt_ok = False
         self.incoming_runs = runs
         outside = [(p, s) for _, p, s in runs if p + s > self.mem.size]
@@ -269,10 +300,13 @@ class Machine:
         return self._scratch_text
 
     # -- kexec ---------------------------------------------------------------------
-    def kexec_load(self, cmdline: str | None = None, release: str | None = None) -> KexecImage:
-        """kexec -s -l: kho_fill_kimage attaches the FDT page and a copy of the scratch array."""
+    def kexec_load(self, cmdline: str | None = None, release: str | None = None,
+                   abi: str | None = None) -> KexecImage:
+        """kexec -s -l: kho_fill_kimage attaches the FDT page and a copy of the scratch array.
+        `abi` loads a kernel of another release (default: this one's profile)."""
+        nxt = get_profile(abi) if abi is not None else self.profile
         image = KexecImage(cmdline if cmdline is not None else self.cmdline,
-                           release or self.profile.release)
+                           release or nxt.release, abi=nxt.name)
         attach = self.kho_enable and (self.kho_out.finalized or
                                       not self.profile.handover_needs_finalize)
         if attach:
@@ -286,8 +320,11 @@ class Machine:
         image = self.image
         if image is None:
             raise KernelError(errno.ENOENT, "no kexec image is loaded (kexec load first)")
+        config = asdict(self.config)
+        config["abi"] = image.abi or self.profile.name
+        config["release"] = None
         ho = Handover(cmdline=image.cmdline, release=image.release, previous_release=self.release,
-                      kexec_count=self.kexec_count + 1, config=asdict(self.config))
+                      kexec_count=self.kexec_count + 1, config=config)
         if image.fdt_phys is None:
             if self.kho_enable:
                 ho.notes.append("the image was loaded before KHO was finalized: it carries no "
@@ -299,7 +336,11 @@ class Machine:
         runs = []
         valid = check_header(fdt) == 0
         if valid:
-            runs = preserved_runs(self.mem, image.fdt_phys, self.profile.preserve_bits)
+            try:
+                runs = preserved_runs(self.mem, image.fdt_phys, self.profile.preserve_bits,
+                                      profile=self.profile)
+            except MapError:
+                runs = []
             self._keep_map_pages(fdt, keep)
         else:
             ho.notes.append("the handed-over FDT page holds no valid FDT (KHO was never "
@@ -309,11 +350,15 @@ class Machine:
             keep.add(s, e)
         if valid:
             for name, off in subnodes(fdt, 0):
-                prop = getprop(fdt, off, "fdt")
+                prop = getprop(fdt, off, self.profile.sub_prop)
                 if prop is None or len(prop) != 8:
                     continue
                 phys = int.from_bytes(prop, "little")
-                size = max(totalsize(self.mem.read(phys, 8)), 8) if phys + 8 <= self.mem.size else 8
+                bs = getprop(fdt, off, "blob-size") if self.profile.blob_size else None
+                if bs is not None and len(bs) == 8:
+                    size = max(int.from_bytes(bs, "little"), 1)
+                else:
+                    size = max(totalsize(self.mem.read(phys, 8)), 8) if phys + 8 <= self.mem.size else 8
                 if not preserved.contains(phys, phys + size):
                     ho.notes.append(
                         f"sub-FDT '{name}' at 0x{phys:x} ({size} bytes) is not in preserved "
@@ -341,6 +386,16 @@ class Machine:
         prop = getprop(fdt, 0, "preserved-memory-map")
         if prop is None or len(prop) != 8:
             return
+        if self.profile.radix:
+            seen = set()
+            try:
+                tree_leaves(self.mem, int.from_bytes(prop, "little"), seen)
+            except MapError:
+                pass
+            for p in seen:
+                if p + PAGE_SIZE <= self.mem.size:
+                    keep.add(p, p + PAGE_SIZE)
+            return
         try:
             for phys, (_, _, num), page in iter_chunks(self.mem, int.from_bytes(prop, "little")):
                 keep.add(phys, phys + PAGE_SIZE)
@@ -365,6 +420,11 @@ class Machine:
             "release": self.release,
             "previous_release": self.previous_release,
             "kexec_count": self.kexec_count,
+            # 7.1: what the kexec-metadata blob told this kernel (null otherwise)
+            "kexec_metadata": ({"previous_release": self.kho_in.previous_release,
+                                "kexec_count": self.kho_in.kexec_count}
+                               if self.kho_in is not None and self.profile.kexec_metadata
+                               and self.kho_in.previous_release is not None else None),
             "abi": self.profile.name,
             "memory_size": self.mem.size,
             "nodes": len(self.mem.nodes),
@@ -372,7 +432,7 @@ class Machine:
             "cmdline": self.cmdline,
             "kho_enabled": self.kho_enable,
             "kho_in": self.kho_in is not None,
-            "finalized": bool(out and out.finalized),
+            "finalized": bool(out and out.finalized) if self.profile.has_finalize else None,
             "scratch": [{"addr": a, "size": s} for a, s in self.scratch],
             "preserved_bytes": out.track.preserved_bytes() if out else 0,
             "incoming_preserved_bytes": self.preserved.total(),

@@ -4,7 +4,7 @@ import errno
 from dataclasses import dataclass
 
 from ..errors import KernelError
-from ..fdt import PageFdtSw, u64
+from ..fdt import PageFdtSw, totalsize, u64
 from ..kho import KhoOut, Producer
 from ..cmdline import cmdline_bytes, kisspace
 from ..kstrtox import memparse
@@ -82,6 +82,14 @@ class MemblockProducer(Producer):
             sw.end_node()
         sw.end_node()
         kho.mem.write(self.fdt_page, sw.finish())
+
+    def init_subtree(self, kho: KhoOut) -> None:
+        """6.19+ reserve_mem_init: preserve the FDT page, add the subtree, preserve regions."""
+        kho.preserve_folio(self.fdt_page, 0)
+        kho.add_subtree(MEMBLOCK_KHO_FDT, self.fdt_page,
+                        totalsize(kho.mem.read(self.fdt_page, 8)))
+        for r in self.table:
+            kho.preserve_pfns(r.start >> PAGE_SHIFT, r.size >> PAGE_SHIFT)
 
     def finalize(self, kho: KhoOut) -> None:
         # The kernel ORs the errors of these calls together.

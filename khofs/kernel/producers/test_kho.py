@@ -81,6 +81,11 @@ class TestKho(Producer):
         sw.end_node()
         kho.mem.write(self.fdt_phys, sw.finish())
 
+    def init_subtree(self, kho: KhoOut) -> None:
+        """6.19+ module init: preserve the FDT folio and add the subtree at once."""
+        kho.preserve_folio(self.fdt_phys, self.fdt_order)
+        kho.add_subtree(KHO_TEST_FDT, self.fdt_phys, totalsize(kho.mem.read(self.fdt_phys, 8)))
+
     def finalize(self, kho: KhoOut) -> None:
         try:
             kho.preserve_folio(self.fdt_phys, self.fdt_order)

@@ -16,12 +16,33 @@ class UserSubtree(Producer):
     """
 
     def __init__(self, kho: KhoOut, name: str, blob: bytes, preserve: bool = True):
-        if check_header(blob) != 0 or totalsize(blob) != len(blob):
-            raise KernelError(errno.EINVAL, f"subtree {name!r}: not a valid FDT blob "
-                              f"({len(blob)} bytes)")
+        # kho-v3 carries the size: any blob will do there. Before, it must be an FDT.
+        if not blob or (not kho.profile.blob_size and
+                        (check_header(blob) != 0 or totalsize(blob) != len(blob))):
+            what = "an empty blob" if kho.profile.blob_size else "not a valid FDT blob"
+            raise KernelError(errno.EINVAL, f"subtree {name!r}: {what} ({len(blob)} bytes)")
         self.name, self.blob, self.preserve = name, bytes(blob), preserve
         self.order = max(0, (len(blob) - 1).bit_length() - PAGE_SHIFT)
         self.phys = kho.pages.alloc_pages(self.order)
+        self.added = False
+
+    def register(self, kho: KhoOut) -> None:
+        """6.19+: a producer adds its subtree when it registers, not at finalize."""
+        kho.mem.write(self.phys, self.blob)
+        if self.preserve:
+            kho.preserve_folio(self.phys, self.order)
+        try:
+            kho.add_subtree(self.name, self.phys, len(self.blob))
+        except KernelError:
+            if self.preserve:
+                kho.unpreserve_folio(self.phys, self.order)
+            raise
+        self.added = True
+
+    def unregister(self, kho: KhoOut) -> None:
+        kho.remove_subtree(self.phys)
+        if self.preserve:
+            kho.unpreserve_folio(self.phys, self.order)
 
     def finalize(self, kho: KhoOut) -> None:
         kho.mem.write(self.phys, self.blob)
