@@ -230,13 +230,11 @@ def _load_blob(path: str) -> bytes:
     data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     if data[:4] == b"\xd0\x0d\xfe\xed":
         return data
-    # DTS text: compile with dtc so the bytes are exactly what `dtc -I dts -O dtb` gives.
-    import subprocess
-    r = subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-o", "-", "-"], input=data,
-                       capture_output=True)
-    if r.returncode != 0:
-        raise ValueError(f"{path}: dtc cannot compile it: {r.stderr.decode().strip()}")
-    return r.stdout
+    from .dts import DtsError, dts_to_dtb
+    try:
+        return dts_to_dtb(data)
+    except DtsError as e:
+        raise ValueError(f"{'stdin' if path == '-' else path}: {e}") from None
 
 
 def _print_result(args, result: dict, text: str | None = None) -> None:
@@ -564,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = sb.add_subparsers(dest="sub_action", required=True)
     x = ssub.add_parser("add", help="register NAME with a .dts or .dtb (or - for stdin)")
     x.add_argument("name", help="the subtree's node name (out/sub_fdts/NAME)")
-    x.add_argument("file", help="a .dts (compiled with dtc) or .dtb file, or - for stdin")
+    x.add_argument("file", help="a .dts or .dtb file, or - for stdin")
     x.add_argument("--no-preserve", action="store_true",
                    help="do not preserve the blob's pages (the classic misuse)")
     x = ssub.add_parser("remove", help="unregister NAME")

@@ -72,6 +72,11 @@ class Client:
         return self.call("subtree_add", name=name, blob=base64.b64encode(blob).decode(),
                          preserve=preserve)["phys"]
 
+    def subtree_add_dts(self, name: str, text, preserve: bool = True) -> int:
+        """subtree_add of DTS text (str or bytes); khofs.dts.DtsError names a bad line."""
+        from .dts import dts_to_dtb
+        return self.subtree_add(name, dts_to_dtb(text), preserve)
+
     def subtree_remove(self, name: str) -> None:
         self.call("subtree_remove", name=name)
 

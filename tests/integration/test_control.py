@@ -12,7 +12,7 @@ import pytest
 
 from khofs import runtime
 from khofs.client import Client, ControlError
-from khoit import PathMounts
+from khoit import KHOFS, PathMounts, read, write_bytes
 from khoit import khofs_bytes as khofs
 
 pytestmark = pytest.mark.fuse
@@ -276,7 +276,7 @@ def test_ctl_cli_error_output(ctl_mnt, tmp_path, args, ename):
     mnt, phys = ctl_mnt
     dts = tmp_path / "x.dts"
     dts.write_text(DTS)
-    # Starts like an FDT so the CLI passes it on instead of running dtc; the daemon rejects it.
+    # Starts like an FDT so the CLI passes it on as a blob; the daemon rejects it.
     dts.with_suffix(".bin").write_bytes(b"\xd0\x0d\xfe\xed" + b"\0" * 60)
     before = snapshot(mnt, phys)
     r = khofs("ctl", mnt, *args(phys, dts), check=False)
@@ -294,3 +294,28 @@ def test_kexec_cli_error_output(ctl_mnt):
     assert "ENOENT" in r.stderr.decode()
     with Client(mnt) as c:
         assert c.status()["kexec_count"] == 0
+
+
+def test_dts_producer_registers_without_dtc(mount_khofs, tmp_path):
+    m = mount_khofs()
+    src = tmp_path / "p.dts"
+    src.write_text('/dts-v1/;\n/ {\n\tcompatible = "nodtc-v1"; // a producer\n'
+                   '\tfdt-size = /bits/ 64 <0x1000>;\n\tnames = "a", "b"; raw = [de ad];\n};\n')
+    env = dict(os.environ, PATH="/nonexistent")      # no dtc, no shell tools
+    r = subprocess.run(KHOFS + ["ctl", m.path, "subtree", "add", "nodtc", str(src)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.dts"
+    bad.write_text('/dts-v1/;\n/ {\n\tx = <1 2>\n};\n')
+    r = subprocess.run(KHOFS + ["ctl", m.path, "subtree", "add", "bad", str(bad)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 1 and "line 4" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert write_bytes(f"{m.out}/finalize", b"1") == 1
+    assert sorted(os.listdir(f"{m.out}/sub_fdts")) == ["nodtc"]
+    ours = read(f"{m.out}/sub_fdts/nodtc")
+    want = subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-o", "-", str(src)],
+                          capture_output=True, check=True).stdout
+    as_dts = [subprocess.run(["dtc", "-q", "-I", "dtb", "-O", "dts", "-"], input=b,
+                             capture_output=True, check=True).stdout for b in (ours, want)]
+    assert as_dts[0] == as_dts[1]
