@@ -90,6 +90,11 @@ def decode(blob: bytes, path: str, mem: MemorySource | None = None, sub_blobs=No
         return out
     hdr = dict(zip(HEADER_FIELDS, FDT_HEADER.unpack_from(blob)))
     out["header"] = hdr
+    if hdr["totalsize"] > len(blob):
+        hint = " (a 7.1 kernel sizes out/fdt once, at boot)" if path.endswith("out/fdt") else ""
+        out["problems"].append(f"truncated: the header says {hdr['totalsize']} bytes, "
+                               f"{len(blob)} read{hint}")
+        return out
     if hdr["totalsize"] != len(blob):
         out["problems"].append(f"totalsize {hdr['totalsize']} != {len(blob)} bytes read")
     t = tree(blob[:hdr["totalsize"]])
