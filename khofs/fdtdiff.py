@@ -125,7 +125,7 @@ def diff_trees(a: fdt.FDT, b: fdt.FDT, ignore_addresses: bool = False) -> list[d
             if not (a.exist_node(path) and a.exist_property(p.name, path)):
                 add("added", "property", path, p.name, new=_value(p))
     order = {"memreserve": 0, "node": 1, "property": 1}
-    changes.sort(key=lambda c: (order[c["kind"]], c["path"], c["property"] or "", c["change"]))
+    changes.sort(key=lambda c: (order[c["kind"]], c["path"], c["property"] or ""))
     return changes
 
 
