@@ -74,7 +74,7 @@ class Client:
 
     def subtree_add_dts(self, name: str, text, preserve: bool = True) -> int:
         """subtree_add of DTS text (str or bytes); khofs.dts.DtsError names a bad line."""
-        from .dts import dts_to_dtb
+        from .devicetree.dts import dts_to_dtb
         return self.subtree_add(name, dts_to_dtb(text), preserve)
 
     def subtree_remove(self, name: str) -> None:

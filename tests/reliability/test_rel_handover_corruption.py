@@ -17,7 +17,7 @@ import pytest
 from hypothesis import strategies as st
 
 import khofs_rel_support as sup
-from khofs.debugfs import Tree
+from khofs.fs.debugfs import Tree
 from khofs.kernel.errors import KernelError
 from khofs.kernel.machine import Machine, MachineConfig
 from khofs.kernel.producers.user import UserSubtree

@@ -10,7 +10,7 @@ import subprocess
 import libfdt
 import pytest
 
-from khofs.debugfs import Tree
+from khofs.fs.debugfs import Tree
 from khofs.kernel.errors import KernelError
 from khofs.kernel.handover import Handover
 from khofs.kernel.machine import Machine, MachineConfig

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from khofs.debugfs import Tree
+from khofs.fs.debugfs import Tree
 from khofs.kernel.errors import KernelError
 from khofs.kernel.machine import Machine, MachineConfig
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from khofs.dts import DtsError, dts_to_dtb, normalize_value
+from khofs.devicetree.dts import DtsError, dts_to_dtb, normalize_value
 
 CORPUS = Path(__file__).parent / "dts_corpus"
 DTC = shutil.which("dtc")

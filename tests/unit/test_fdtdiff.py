@@ -10,8 +10,8 @@ from pathlib import Path
 import fdt
 import pytest
 
-from khofs.dts import dts_to_dtb
-from khofs.fdtdiff import (DiffError, diff_paths, diff_trees, dts_text, parse, read_side,
+from khofs.devicetree.dts import dts_to_dtb
+from khofs.devicetree.diff import (DiffError, diff_paths, diff_trees, dts_text, parse, read_side,
                            render)
 
 CORPUS = Path(__file__).parent / "dts_corpus"

@@ -12,11 +12,12 @@ import pyfuse3
 import pytest
 import trio
 
-from khofs import control, fuse
-from khofs.daemon import Daemon
-from khofs.debugfs import ROOT_INO
-from khofs.fuse import KhoOperations
-from khofs.host import Host
+from khofs.daemon import control
+from khofs.fs import fuse
+from khofs.daemon.serve import Daemon
+from khofs.fs.debugfs import ROOT_INO
+from khofs.fs.fuse import KhoOperations
+from khofs.daemon.host import Host
 from khofs.kernel.machine import MachineConfig
 
 

@@ -8,9 +8,9 @@ import errno
 import stat
 import time
 
-from .kernel.errors import KernelError
-from .kernel.kstrtox import kstrtoull
-from .kernel.machine import Machine
+from ..kernel.errors import KernelError
+from ..kernel.kstrtox import kstrtoull
+from ..kernel.machine import Machine
 
 SIMPLE_ATTR_BUF = 24          # struct simple_attr get_buf/set_buf size
 ROOT_INO = 1
@@ -206,8 +206,8 @@ class Tree:
         kho_in = machine.kho_in
         if kho_in is not None:
             # kho_in_debugfs_init: in/, in/sub_fdts/, in/fdt, then one blob per subtree.
-            from .kernel.fdt import totalsize
-            from .kernel.kho import Blob
+            from ..kernel.fdt import totalsize
+            from ..kernel.kho import Blob
             self.in_ = self._add(Dir(self, "in", self.kho, lambda: self.in_children))
             in_sub_children: list[Node] = []
             in_sub = self._add(Dir(self, "sub_fdts", self.in_, lambda: in_sub_children))

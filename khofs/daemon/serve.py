@@ -11,9 +11,10 @@ import traceback
 import pyfuse3
 import trio
 
-from . import control, runtime
-from .debugfs import ROOT_INO
-from .fuse import KhoOperations
+from .. import runtime
+from . import control
+from ..fs.debugfs import ROOT_INO
+from ..fs.fuse import KhoOperations
 from .host import Host
 
 

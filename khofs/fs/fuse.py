@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .debugfs import Dir, File, Node, Tree
-from .kernel.errors import KernelError
+from ..kernel.errors import KernelError
 
 TTL = 60.0
 NAME_MAX = 255      # debugfs names: simple_lookup() refuses longer ones

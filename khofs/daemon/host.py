@@ -4,10 +4,10 @@ import errno
 import os
 import struct
 
-from .debugfs import Tree
-from .kernel.errors import KernelError
-from .kernel.handover import Handover
-from .kernel.machine import Machine, MachineConfig
+from ..fs.debugfs import Tree
+from ..kernel.errors import KernelError
+from ..kernel.handover import Handover
+from ..kernel.machine import Machine, MachineConfig
 
 HANDOVER_FILE = "handover"
 

@@ -20,10 +20,10 @@ of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "metadata": {"versio
 
 import struct
 
-from .kernel.fdt import FDT_HEADER, check_header, tree
-from .kernel.kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
-from .kernel.memtrack import MapError, walk_memory_map
-from .kernel.radix import tree_leaves, walk_leaves
+from ..kernel.fdt import FDT_HEADER, check_header, tree
+from ..kernel.kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
+from ..kernel.memtrack import MapError, walk_memory_map
+from ..kernel.radix import tree_leaves, walk_leaves
 
 HEADER_FIELDS = ("magic", "totalsize", "off_dt_struct", "off_dt_strings", "off_mem_rsvmap",
                  "version", "last_comp_version", "boot_cpuid_phys", "size_dt_strings",

@@ -16,10 +16,10 @@ import traceback
 import trio
 
 from .host import Host
-from .kernel.errors import KernelError
-from .kernel.physmem import PAGE_SHIFT, PAGE_SIZE
-from .kernel.profile import PROFILES
-from .kernel.producers.user import FailNext, UserSubtree, valid_node_name
+from ..kernel.errors import KernelError
+from ..kernel.physmem import PAGE_SHIFT, PAGE_SIZE
+from ..kernel.profile import PROFILES
+from ..kernel.producers.user import FailNext, UserSubtree, valid_node_name
 
 MAX_LINE = 256 << 20
 

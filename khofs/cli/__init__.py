@@ -7,14 +7,14 @@ import signal
 import sys
 import time
 
-from . import runtime
-from .kernel.profile import DEFAULT_PROFILE, PROFILES
+from .. import runtime
+from ..kernel.profile import DEFAULT_PROFILE, PROFILES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _size(text: str) -> int:
-    from .kernel.kstrtox import memparse
+    from ..kernel.kstrtox import memparse
     val, n = memparse(text)
     if n != len(text.encode()) or val <= 0:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4G, 512M, 0x100000)")
@@ -46,8 +46,8 @@ def cmd_mount(args) -> int:
 
 
 def _boot_host(args):
-    from .host import Host
-    from .kernel.machine import MachineConfig
+    from ..daemon.host import Host
+    from ..kernel.machine import MachineConfig
     cfg = MachineConfig(memory=args.memory, nodes=args.nodes, boot_reserved=args.boot_reserved,
                         abi=args.abi, release=args.release)
     state = os.path.abspath(args.state) if args.state else None
@@ -56,7 +56,7 @@ def _boot_host(args):
 
 
 def _mount_foreground(args, mnt) -> int:
-    from .daemon import report
+    from ..daemon.serve import report
     lock = runtime.lock_mountpoint(mnt)
     if lock is None:
         msg = f"another khofs daemon is mounting or serving {mnt} (khofs umount {mnt} first)"
@@ -70,7 +70,7 @@ def _mount_foreground(args, mnt) -> int:
 
 
 def _serve_locked(args, mnt) -> int:
-    from .daemon import Daemon, report
+    from ..daemon.serve import Daemon, report
     fd = args.ready_fd
     if runtime.find_mount(mnt):
         msg = f"{mnt} is already a mount point (khofs umount {mnt} first)"
@@ -215,7 +215,7 @@ SIZE_HELP = "bytes, with an optional K/M/G suffix"
 
 # -- control-plane commands ----------------------------------------------------------
 def _client(mnt):
-    from .client import Client
+    from ..client import Client
     return Client(mnt)
 
 
@@ -230,7 +230,7 @@ def _load_blob(path: str) -> bytes:
     data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     if data[:4] == b"\xd0\x0d\xfe\xed":
         return data
-    from .dts import DtsError, dts_to_dtb
+    from ..devicetree.dts import DtsError, dts_to_dtb
     try:
         return dts_to_dtb(data)
     except DtsError as e:
@@ -245,7 +245,7 @@ def _print_result(args, result: dict, text: str | None = None) -> None:
 
 
 def cmd_ctl(args) -> int:
-    from .client import ControlError
+    from ..client import ControlError
     try:
         with _client(args.mountpoint) as c:
             return _ctl(args, c)
@@ -310,7 +310,7 @@ def _ctl(args, c) -> int:
 
 
 def cmd_kexec(args) -> int:
-    from .client import ControlError
+    from ..client import ControlError
     words = args.words
     if len(words) == 1:
         step, mnt = "both", words[0]
@@ -349,7 +349,7 @@ def cmd_kexec(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .client import ControlError
+    from ..client import ControlError
     try:
         with _client(args.mountpoint) as c:
             st = c.status()
@@ -408,7 +408,7 @@ def _dump_targets(path: str):
 
 
 def cmd_dump(args) -> int:
-    from .dump import MemorySource, decode, render
+    from ..devicetree.dump import MemorySource, decode, render
     try:
         targets = _dump_targets(args.path)
     except (OSError, ValueError) as e:
@@ -449,7 +449,7 @@ def cmd_dump(args) -> int:
 
 
 def _dump_dts(targets) -> int:
-    from .fdtdiff import DiffError, dts_text, is_fdt
+    from ..devicetree.diff import DiffError, dts_text, is_fdt
     paths = []
     for fdt_path, sub_dir in targets:
         paths.append(fdt_path)
@@ -477,7 +477,7 @@ def _dump_dts(targets) -> int:
 
 # -- diff ------------------------------------------------------------------------------
 def cmd_diff(args) -> int:
-    from .fdtdiff import DiffError, diff_paths, render
+    from ..devicetree.diff import DiffError, diff_paths, render
     try:
         changes = diff_paths(args.a, args.b, args.ignore_addresses)
     except DiffError as e:
@@ -572,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "map walked. Checks the KHO bindings; exit status 1 if anything is wrong.")
     d.add_argument("path", metavar="PATH", help="an FDT file, a khofs mount point or its kho/ dir")
     fmt = d.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON (schema: see khofs/dump.py)")
+    fmt.add_argument("--json", action="store_true",
+                     help="print JSON (schema: see khofs/devicetree/dump.py)")
     fmt.add_argument("--dts", action="store_true",
                      help="print plain device-tree source of each blob instead (no dtc needed)")
     d.add_argument("--no-memory", action="store_true",
