@@ -1,0 +1,59 @@
+"""What every command shares: exit codes, argument types, the one-line error, the client."""
+
+import argparse
+import errno
+import json
+import sys
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+PHYS_HELP = "physical address in simulated memory (decimal or 0x hex)"
+SIZE_HELP = "bytes, with an optional K/M/G suffix"
+
+
+def size_arg(text: str) -> int:
+    """A memparse size (4G, 512M, 0x100000) for argparse."""
+    from ..kernel.kstrtox import memparse
+    val, n = memparse(text)
+    if n != len(text.encode()) or val <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4G, 512M, 0x100000)")
+    return val
+
+
+def release_arg(text: str) -> str:
+    """A uname -r string for argparse."""
+    if not (0 < len(text) <= 64 and text.isprintable()):
+        raise argparse.ArgumentTypeError("a release is 1 to 64 printable characters (uname -r)")
+    return text
+
+
+def num_arg(text: str) -> int:
+    """A decimal or 0x-hex number for argparse."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal or 0x hex)") from None
+
+
+def err(msg: str) -> None:
+    """The one-line error a command prints before a nonzero exit."""
+    print(f"khofs: {msg}", file=sys.stderr)
+
+
+def errno_name(n) -> str:
+    """ENOMEM for 12; the number itself when it has no name."""
+    return errno.errorcode.get(n, str(n))
+
+
+def client(mnt):
+    """A control client of the daemon serving mnt."""
+    from ..client import Client
+    return Client(mnt)
+
+
+def print_result(args, result: dict, text: str | None = None) -> None:
+    """result as JSON under --json, else text (when there is any)."""
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    elif text is not None:
+        print(text)

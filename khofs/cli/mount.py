@@ -1,0 +1,282 @@
+"""khofs mount, umount and status: a daemon's life and what its kernel is doing."""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from .. import runtime
+from ..kernel.profile import DEFAULT_PROFILE, PROFILES
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, release_arg, size_arg
+
+
+def cmd_mount(args) -> int:
+    mnt = os.path.realpath(args.mountpoint)
+    if not os.path.isdir(mnt):
+        err(f"mount point {args.mountpoint} is not a directory (create it with mkdir)")
+        return EXIT_FAIL
+    if runtime.find_mount(mnt):
+        err(f"{mnt} is already a mount point (khofs umount {args.mountpoint} first)")
+        return EXIT_FAIL
+    if args.foreground:
+        return _mount_foreground(args, mnt)
+    return _mount_background(args, mnt)
+
+
+def _boot_host(args):
+    from ..daemon.host import Host
+    from ..kernel.machine import MachineConfig
+    cfg = MachineConfig(memory=args.memory, nodes=args.nodes, boot_reserved=args.boot_reserved,
+                        abi=args.abi, release=args.release)
+    state = os.path.abspath(args.state) if args.state else None
+    return Host.boot(args.cmdline, cfg, state, log=lambda text: print(text, file=sys.stderr,
+                                                                       flush=True))
+
+
+def _mount_foreground(args, mnt) -> int:
+    from ..daemon.serve import report
+    lock = runtime.lock_mountpoint(mnt)
+    if lock is None:
+        msg = f"another khofs daemon is mounting or serving {mnt} (khofs umount {mnt} first)"
+        report(args.ready_fd, error=msg)
+        err(msg)
+        return EXIT_FAIL
+    try:
+        return _serve_locked(args, mnt)
+    finally:
+        runtime.unlock_mountpoint(mnt, lock)
+
+
+def _serve_locked(args, mnt) -> int:
+    from ..daemon.serve import Daemon, report
+    fd = args.ready_fd
+    if runtime.find_mount(mnt):
+        msg = f"{mnt} is already a mount point (khofs umount {mnt} first)"
+        report(fd, error=msg)
+        err(msg)
+        return EXIT_FAIL
+    try:
+        host = _boot_host(args)
+    except (ValueError, OSError) as e:
+        report(fd, error=str(e))
+        err(str(e))
+        return EXIT_USAGE
+    machine = host.machine
+    if fd is not None:
+        for line in machine.warnings():
+            report(fd, stderr=f"kernel: {line.text}")
+        for why in machine.ignored:
+            report(fd, stderr=f"khofs: {why}")
+        for note in machine.kexec_notes:
+            report(fd, stderr=f"khofs: kexec: {note}")
+    else:
+        for why in machine.ignored:
+            err(why)
+    opts = [o for o in (args.options or "").split(",") if o]
+    daemon = Daemon(mnt, host, stat_size=args.stat_size, fuse_options=opts,
+                    debug_fuse=args.debug_fuse, cache=args.cache)
+    try:
+        daemon.mount()
+    except Exception as e:       # libfuse's own reason is already in the log
+        report(fd, error=f"cannot mount on {mnt}: {e}")
+        err(f"cannot mount on {mnt}: {e}")
+        return EXIT_FAIL
+    runtime.write_info(mnt, pid=os.getpid(), sock=daemon.sock_path,
+                       state=os.path.abspath(args.state) if args.state else None)
+
+    def ready():
+        report(fd, ready=True, pid=os.getpid())
+        if fd is not None:
+            os.close(fd)
+    daemon.run(ready)
+    return EXIT_OK
+
+
+def _mount_background(args, mnt) -> int:
+    rfd, wfd = os.pipe()
+    log_path = runtime.paths(mnt)["log"]
+    pid = os.fork()
+    if pid == 0:
+        # The daemon: stdio to the log, readiness through the pipe. Its own process group
+        # keeps the terminal's Ctrl-C and hangup of the caller's job away from it. It stays
+        # in the caller's session: with autogroup scheduling a new session is a new group,
+        # and a reader and the daemon taking turns on one CPU would then cross groups on
+        # every request (about a tenth slower), where debugfs runs in the reader's context.
+        code = EXIT_FAIL
+        try:
+            os.close(rfd)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(logfd, 1)
+            os.dup2(logfd, 2)
+            os.close(devnull)
+            os.close(logfd)
+            # Only once nothing can reach the terminal: a background group writing to it
+            # would be stopped (SIGTTOU under `stty tostop`) with the parent waiting.
+            os.setpgid(0, 0)
+            args.ready_fd = wfd
+            code = _mount_foreground(args, mnt)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(wfd)
+    ok = False
+    with os.fdopen(rfd) as r:
+        for line in r:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "stderr" in msg:
+                print(msg["stderr"], file=sys.stderr)
+            if "error" in msg:
+                err(msg["error"])
+            if msg.get("ready"):
+                ok = True
+                break
+    if not ok:
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        err(f"the daemon exited (status {status}) before the mount was ready; log: {log_path}")
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+# -- umount -------------------------------------------------------------------------
+def cmd_umount(args) -> int:
+    mnt = os.path.realpath(args.mountpoint)
+    info = runtime.read_info(mnt)
+    mounted = runtime.find_mount(mnt)
+    if not mounted and not info:
+        err(f"{args.mountpoint} is not mounted")
+        return EXIT_FAIL
+    if mounted and not mounted[0].startswith("fuse"):
+        err(f"{args.mountpoint} is a {mounted[0]} mount, not khofs")
+        return EXIT_FAIL
+    if mounted:
+        import subprocess       # not at the top: every mount would pay for it
+        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+        if r.returncode != 0:
+            if "not connected" in r.stderr or not (info and runtime.pid_alive(info.get("pid", 0))):
+                r = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
+            if r.returncode != 0:
+                err(f"cannot unmount {mnt}: {r.stderr.strip()}")
+                return EXIT_FAIL
+    pid = (info or {}).get("pid")
+    clean = True
+    if pid:
+        deadline = time.monotonic() + 10
+        while runtime.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if runtime.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            clean = False
+    clean = clean and mounted is not None and info is not None
+    runtime.remove_info(mnt)
+    runtime.clear_stale_lock(mnt)
+    if clean:
+        # The daemon went down normally: its log has nothing left to explain.
+        try:
+            os.unlink(runtime.paths(mnt)["log"])
+        except FileNotFoundError:
+            pass
+    return EXIT_OK
+
+
+
+def cmd_status(args) -> int:
+    from ..client import ControlError
+    try:
+        with client(args.mountpoint) as c:
+            st = c.status()
+    except ControlError as e:
+        err(f"{args.mountpoint}: {e.strerror}")
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    print(f"release:          {st['release']} (ABI {st['abi']})")
+    print(f"previous release: {st['previous_release'] or '-'}")
+    print(f"kexec count:      {st['kexec_count']}")
+    print(f"cmdline:          {st['cmdline']}")
+    print(f"KHO:              {'enabled' if st['kho_enabled'] else 'disabled'}"
+          f"{', handover received' if st['kho_in'] else ''}")
+    fin = st["finalized"]
+    print(f"finalized:        {'- (no finalize in this ABI)' if fin is None else int(fin)}")
+    md = st.get("kexec_metadata")
+    if md:
+        print(f"kexec-metadata:   from {md['previous_release']} (count {md['kexec_count']})")
+    print(f"preserved:        {st['preserved_bytes']} bytes")
+    for i, s in enumerate(st["scratch"]):
+        print(f"scratch[{i}]:       0x{s['addr']:x} + 0x{s['size']:x}")
+    for n in st["kexec_notes"]:
+        print(f"kexec note:       {n}")
+    return EXIT_OK
+
+
+
+def add_mount(sub) -> None:
+    """The mount subcommand."""
+    m = sub.add_parser("mount", help="mount an emulated KHO debugfs",
+                       description="Boot an emulated kernel with the given command line and mount "
+                       "its debugfs at MOUNTPOINT. Returns once the mount is ready.")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    m.add_argument("--cmdline", default="kho=on",
+                   help='kernel command line (default "kho=on"); kho=, kho_scratch= and '
+                   "reserve_mem= are understood")
+    m.add_argument("--memory", type=size_arg, default=4 << 30, metavar="SIZE",
+                   help="simulated RAM (default 4G)")
+    m.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="NUMA nodes; memory is split evenly (default 1)")
+    m.add_argument("--boot-reserved", type=size_arg, default=64 << 20, metavar="SIZE",
+                   help="memory the kernel reserved for itself at boot, at 16 MiB; drives the "
+                   "default scratch scale (default 64M)")
+    m.add_argument("--abi", choices=list(PROFILES), default=DEFAULT_PROFILE,
+                   help="kernel ABI profile: 6.16 (v6.16-v6.17), 6.18, 7.0 (v6.19-v7.0), "
+                   "7.1 (v7.1+) (default 6.18)")
+    m.add_argument("--release", type=release_arg, metavar="R",
+                   help="uname -r of the emulated kernel (default: the profile's, e.g. "
+                   "7.1.0-khofs)")
+    m.add_argument("--stat-size", choices=["content", "zero"], default="content",
+                   help="st_size of files: their content length (default, so sendfile users "
+                   "work) or 0 as debugfs reports")
+    m.add_argument("--cache", choices=["direct", "page"], default="direct",
+                   help="direct (default): every read asks the emulated kernel and "
+                   "mmap(MAP_SHARED) fails with ENODEV as on debugfs; page: read-only opens "
+                   "keep the page cache while the content is unchanged (faster; mmap works, and a "
+                   "read racing an O_TRUNC write of the same file may find it empty or short)")
+    m.add_argument("-o", dest="options", metavar="OPTS",
+                   help="FUSE mount options, comma separated (e.g. allow_other,auto_unmount)")
+    m.add_argument("--state", metavar="DIR",
+                   help="keep each kexec's handover in DIR (created 0700); a mount on a DIR "
+                   "that holds one boots from it")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay attached")
+    m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+
+def add_umount(sub) -> None:
+    """The umount subcommand."""
+    u = sub.add_parser("umount", help="unmount and stop the daemon (also clears a dead mount)",
+                       description="Unmount MOUNTPOINT and wait for its daemon to exit. A mount "
+                       "whose daemon died (\"Transport endpoint is not connected\") is cleared "
+                       "too. Fails if processes still use the mount.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
+    u.set_defaults(func=cmd_umount)
+
+
+def add_status(sub) -> None:
+    """The status subcommand."""
+    st = sub.add_parser("status", help="what the emulated kernel is doing",
+                        description="Release, previous release, kexec count, command line, "
+                        "finalized, preserved bytes and scratch areas of the current boot.")
+    st.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
