@@ -1,29 +1,28 @@
 """One boot of the emulated machine: command line, memory, KHO state; kexec to the next."""
 
 import errno
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from . import kexec
 from .cmdline import parameq, split_cmdline
 from .errors import KernelError
-from .fdt import FDT_HEADER, check_header, getprop, node_check_compatible, subnodes, totalsize
+from .fdt import FDT_HEADER, getprop, node_check_compatible, subnodes
 from .handover import Handover, KexecImage
 from .kho import KhoOut
 from .kho_in import (kexec_metadata_in, kho_populate, preserved_runs, retrieve_subtree,
                      sub_fdt_entries)
 from .kstrtox import kstrtobool
-from .memtrack import KHOSER_BITMAP_SIZE, MapError, chunk_elements, iter_chunks
-from .radix import tree_leaves
-from .physmem import PAGE_SHIFT, PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem, RangeSet
+from .memtrack import MapError
+from .physmem import PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem, RangeSet
 from .producers.memblock import (MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE,
                                  RESERVE_MEM_KHO_NODE_COMPATIBLE, MemblockProducer, ReserveMem,
                                  parse_reserve_mem)
 from .producers.test_kho import KHO_TEST_FDT, PREFIX as TEST_PREFIX, TestKho
 from .producers.test_kho import restore as test_kho_restore
 from .profile import DEFAULT_PROFILE, get_profile
-from .scratch import ScratchConfig, encode_scratch, format_lines, parse_kho_scratch, reserve_scratch
+from .scratch import ScratchConfig, format_lines, parse_kho_scratch, reserve_scratch
 
 KERNEL_LOAD_ADDR = 16 * SZ_1M     # x86 LOAD_PHYSICAL_ADDR: where boot reservations start
-KEXEC_SEGMENT_ALIGN = 64 << 10    # the scratch array segment is 64 KiB aligned
 
 
 @dataclass
@@ -302,117 +301,12 @@ class Machine:
     # -- kexec ---------------------------------------------------------------------
     def kexec_load(self, cmdline: str | None = None, release: str | None = None,
                    abi: str | None = None) -> KexecImage:
-        """kexec -s -l: kho_fill_kimage attaches the FDT page and a copy of the scratch array.
-        `abi` loads a kernel of another release (default: this one's profile)."""
-        nxt = get_profile(abi) if abi is not None else self.profile
-        image = KexecImage(cmdline if cmdline is not None else self.cmdline,
-                           release or nxt.release, abi=nxt.name)
-        attach = self.kho_enable and (self.kho_out.finalized or
-                                      not self.profile.handover_needs_finalize)
-        if attach:
-            image.fdt_phys = self.kho_out.fdt_page
-            image.scratch_bytes = encode_scratch(self.scratch)
-        self.image = image
-        return image
+        """kexec -s -l of the next kernel (another release's with abi); see kernel/kexec.py."""
+        return kexec.kexec_load(self, cmdline, release, abi)
 
     def kexec_exec(self) -> Handover:
-        """kexec -e: what reaches the next kernel. Only preserved memory survives."""
-        image = self.image
-        if image is None:
-            raise KernelError(errno.ENOENT, "no kexec image is loaded (kexec load first)")
-        config = asdict(self.config)
-        config["abi"] = image.abi or self.profile.name
-        config["release"] = None
-        ho = Handover(cmdline=image.cmdline, release=image.release, previous_release=self.release,
-                      kexec_count=self.kexec_count + 1, config=config)
-        if image.fdt_phys is None:
-            if self.kho_enable:
-                ho.notes.append("the image was loaded before KHO was finalized: it carries no "
-                                "handover, nothing is preserved")
-            return ho
-        ho.fdt_phys = image.fdt_phys
-        keep = RangeSet([(image.fdt_phys, image.fdt_phys + PAGE_SIZE)])
-        fdt = self.mem.read(image.fdt_phys, PAGE_SIZE)
-        runs = []
-        valid = check_header(fdt) == 0
-        if valid:
-            try:
-                runs = preserved_runs(self.mem, image.fdt_phys, self.profile.preserve_bits,
-                                      profile=self.profile)
-            except MapError:
-                runs = []
-            self._keep_map_pages(fdt, keep)
-        else:
-            ho.notes.append("the handed-over FDT page holds no valid FDT (KHO was never "
-                            "finalized): the next kernel rejects the handover")
-        preserved = RangeSet((p, p + s) for _, p, s in runs)
-        for s, e in preserved:
-            keep.add(s, e)
-        if valid:
-            for name, off in subnodes(fdt, 0):
-                prop = getprop(fdt, off, self.profile.sub_prop)
-                if prop is None or len(prop) != 8:
-                    continue
-                phys = int.from_bytes(prop, "little")
-                bs = getprop(fdt, off, "blob-size") if self.profile.blob_size else None
-                if bs is not None and len(bs) == 8:
-                    size = max(int.from_bytes(bs, "little"), 1)
-                else:
-                    size = max(totalsize(self.mem.read(phys, 8)), 8) if phys + 8 <= self.mem.size else 8
-                if not preserved.contains(phys, phys + size):
-                    ho.notes.append(
-                        f"sub-FDT '{name}' at 0x{phys:x} ({size} bytes) is not in preserved "
-                        "memory: the next kernel finds whatever reused that memory "
-                        "(khofs shows it zeroed)")
-        # The scratch array goes in a kexec segment placed in scratch, 64 KiB aligned, top-down.
-        seg = self._place_segment(len(image.scratch_bytes))
-        ho.scratch_phys, ho.scratch_len = seg, len(image.scratch_bytes)
-        for pfn in list(self.mem.pages):
-            phys = pfn << PAGE_SHIFT
-            if keep.contains(phys, phys + PAGE_SIZE):
-                ho.pages[pfn] = self.mem.pages[pfn]
-        first = seg >> PAGE_SHIFT
-        last = (seg + max(1, ho.scratch_len) - 1) >> PAGE_SHIFT
-        for pfn in range(first, last + 1):
-            ho.pages.setdefault(pfn, bytearray(PAGE_SIZE))
-        page = bytearray(ho.pages[first])
-        off = seg - (first << PAGE_SHIFT)
-        page[off:off + ho.scratch_len] = image.scratch_bytes
-        ho.pages[first] = page
-        return ho
-
-    def _keep_map_pages(self, fdt: bytes, keep: RangeSet) -> None:
-        """The chunk list and bitmaps: read by the next kernel before it frees them."""
-        prop = getprop(fdt, 0, "preserved-memory-map")
-        if prop is None or len(prop) != 8:
-            return
-        if self.profile.radix:
-            seen = set()
-            try:
-                tree_leaves(self.mem, int.from_bytes(prop, "little"), seen)
-            except MapError:
-                pass
-            for p in seen:
-                if p + PAGE_SIZE <= self.mem.size:
-                    keep.add(p, p + PAGE_SIZE)
-            return
-        try:
-            for phys, (_, _, num), page in iter_chunks(self.mem, int.from_bytes(prop, "little")):
-                keep.add(phys, phys + PAGE_SIZE)
-                for _, b in chunk_elements(page, min(num, KHOSER_BITMAP_SIZE)):
-                    b -= b % PAGE_SIZE
-                    if b + PAGE_SIZE <= self.mem.size:
-                        keep.add(b, b + PAGE_SIZE)
-        except MapError:
-            pass            # the next kernel cannot read on from here either
-
-    def _place_segment(self, size: int) -> int:
-        for addr, ssize in self.scratch:
-            top = addr + ssize - size
-            cand = top - top % KEXEC_SEGMENT_ALIGN
-            if ssize >= size and cand >= addr:
-                return cand
-        raise KernelError(errno.EADDRNOTAVAIL, "the scratch array does not fit in any scratch area")
+        """kexec -e: what reaches the next kernel; see kernel/kexec.py."""
+        return kexec.kexec_exec(self)
 
     def status(self) -> dict:
         out = self.kho_out

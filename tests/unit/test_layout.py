@@ -1,0 +1,112 @@
+"""The layout keeps its promises: what each folder may import, who knows trio and pyfuse3, who
+prints for a user, and how long a module may grow."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import khofs
+
+ROOT = Path(khofs.__file__).parent
+MODULES = sorted(ROOT.rglob("*.py"))
+
+# What each part may import of khofs (a prefix allows the whole package).
+ALLOWED = {
+    "khofs.kernel": ("khofs.kernel",),
+    "khofs.fs": ("khofs.kernel", "khofs.fs"),
+    "khofs.devicetree": ("khofs.kernel", "khofs.devicetree"),
+    "khofs.daemon": ("khofs.kernel", "khofs.fs", "khofs.daemon", "khofs.runtime"),
+    "khofs.client": ("khofs.runtime", "khofs.devicetree"),
+    "khofs.runtime": (),
+    "khofs.pytest_plugin": ("khofs.runtime", "khofs.client"),
+}
+EVENT_LOOP = ("trio", "pyfuse3")
+MAX_LINES = 400
+
+
+def module_name(path: Path) -> str:
+    parts = ("khofs",) + path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path):
+    """Every module path imports (at the top or inside a function), made absolute."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module
+            if node.level and not node.module:
+                yield from (f"{mod}.{a.name}" for a in node.names)
+            else:
+                yield mod
+
+
+def part(name: str) -> str | None:
+    return next((p for p in sorted(ALLOWED, key=len, reverse=True)
+                 if name == p or name.startswith(p + ".")), None)
+
+
+def test_every_module_is_in_a_part_or_the_cli():
+    loose = [module_name(p) for p in MODULES if part(module_name(p)) is None and
+             not module_name(p).startswith("khofs.cli") and
+             module_name(p) not in ("khofs", "khofs.__main__")]
+    assert loose == []
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_stay_within_their_part(path):
+    name = module_name(path)
+    owner = part(name)
+    if owner is None:
+        return      # the CLI, khofs/__init__ and __main__ may use everything
+    bad = [m for m in imports(path) if m.startswith("khofs") and
+           not any(m == a or m.startswith(a + ".") for a in ALLOWED[owner])]
+    assert bad == [], f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_daemon_and_the_adapter_know_the_event_loop(path):
+    name = module_name(path)
+    used = sorted({m for m in imports(path) if m.split(".")[0] in EVENT_LOOP})
+    if name.startswith("khofs.daemon") or name == "khofs.fs.fuse":
+        return
+    assert used == [], f"{name} imports {used}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_cli_prints_for_a_user(path):
+    name = module_name(path)
+    if name.startswith("khofs.cli"):
+        return
+    # The daemon's log is its stderr; anything else printing would reach a user's terminal.
+    to_stdout = [n.lineno for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"
+                 and not any(k.arg == "file" for k in n.keywords)]
+    assert to_stdout == [], f"{name} prints at lines {to_stdout}"
+    if name.startswith(("khofs.kernel", "khofs.devicetree", "khofs.fs.debugfs")):
+        printing = [n.lineno for n in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+        assert printing == [], f"{name} prints at lines {printing}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_past_400_lines(path):
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_LINES, f"{path.relative_to(ROOT)}: {n} lines"
+
+
+def test_the_rules_see_real_imports():
+    # The scanner itself: a relative import inside a function resolves to its absolute name.
+    assert "khofs.devicetree.dts" in set(imports(ROOT / "client.py"))
+    assert "khofs.fs.debugfs" in set(imports(ROOT / "daemon" / "serve.py"))
+    assert "khofs.runtime" in set(imports(ROOT / "daemon" / "serve.py"))
+    assert "trio" in set(imports(ROOT / "fs" / "fuse.py"))
