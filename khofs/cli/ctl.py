@@ -20,6 +20,7 @@ def _load_blob(path: str) -> bytes:
 
 
 def cmd_ctl(args) -> int:
+    """khofs ctl MNT ACTION: one control request, its result printed."""
     from ..client import ControlError
     try:
         with client(args.mountpoint) as c:

@@ -8,6 +8,7 @@ from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, errno_name
 
 
 def cmd_kexec(args) -> int:
+    """khofs kexec [load|exec] MNT: the next kernel loaded, booted, or both."""
     from ..client import ControlError
     words = args.words
     if len(words) == 1:

@@ -13,6 +13,7 @@ from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, release_arg, si
 
 
 def cmd_mount(args) -> int:
+    """khofs mount MNT: boot an emulated kernel and serve its debugfs there."""
     mnt = os.path.realpath(args.mountpoint)
     if not os.path.isdir(mnt):
         err(f"mount point {args.mountpoint} is not a directory (create it with mkdir)")
@@ -150,6 +151,7 @@ def _mount_background(args, mnt) -> int:
 
 # -- umount -------------------------------------------------------------------------
 def cmd_umount(args) -> int:
+    """khofs umount MNT: unmount, stop the daemon, clear what a dead one left."""
     mnt = os.path.realpath(args.mountpoint)
     info = runtime.read_info(mnt)
     mounted = runtime.find_mount(mnt)
@@ -191,6 +193,7 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
+    """khofs status MNT: what the emulated kernel is doing."""
     from ..client import ControlError
     try:
         with client(args.mountpoint) as c:

@@ -36,6 +36,7 @@ def _dump_targets(path: str):
 
 
 def cmd_dump(args) -> int:
+    """khofs dump PATH: KHO FDTs decoded and checked, as text, JSON or DTS."""
     from ..devicetree.dump import MemorySource, decode, render
     try:
         targets = _dump_targets(args.path)
@@ -105,6 +106,7 @@ def _dump_dts(targets) -> int:
 
 # -- diff ------------------------------------------------------------------------------
 def cmd_diff(args) -> int:
+    """khofs diff A B: the changes from A to B; exit 0 equal, 1 different, 2 trouble."""
     from ..devicetree.diff import DiffError, diff_paths, render
     try:
         changes = diff_paths(args.a, args.b, args.ignore_addresses)

@@ -76,6 +76,7 @@ class MemorySource:
         self.client, self.size, self.bits = client, size, bits
 
     def read(self, phys: int, size: int) -> bytes:
+        """size bytes of simulated memory at phys."""
         return self.client.mem_read(phys, size)
 
 
@@ -275,6 +276,7 @@ def _fmt_size(n: int) -> str:
 
 
 def render(d: dict, indent: str = "") -> str:
+    """The text form of one decode() result."""
     lines = []
     compat = d["compatible"] or "?"
     lines.append(f"{indent}{d['path']}: FDT {compat}, {d['size']} bytes")

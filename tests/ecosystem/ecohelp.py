@@ -1,18 +1,8 @@
-"""Helpers shared by the ecosystem tests."""
+"""Helpers of the ecosystem tests, on the shared ones."""
 
-import os
-import subprocess
-import sys
-
-KHOFS = [sys.executable, "-m", "khofs"]
+from khofs_testlib import KHOFS, is_mounted as mounted, run_khofs  # noqa: F401
 
 
 def khofs(*args, **kw):
-    return subprocess.run([*KHOFS, *map(str, args)], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, **kw)
-
-
-def mounted(mnt) -> bool:
-    target = os.path.realpath(mnt)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    """khofs ARGS with text output."""
+    return run_khofs(*args, text=True, **kw)

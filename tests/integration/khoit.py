@@ -3,11 +3,11 @@
 import errno
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-KHOFS = [sys.executable, "-m", "khofs"]
+from khofs_testlib import KHOFS, is_mounted, run_khofs, wait_for  # noqa: F401
+
+wait_until = wait_for
 
 ISSUE_CMDLINE = "kho=on kho_scratch=16M,64M,16M reserve_mem=4M:4096:oops"
 ISSUE_ARGS = ("--memory", "1G")
@@ -15,8 +15,8 @@ ISSUE_ARGS = ("--memory", "1G")
 
 # -- helpers ---------------------------------------------------------------------------
 def khofs(*args, timeout=30):
-    return subprocess.run(KHOFS + [str(a) for a in args], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+    """khofs ARGS with text output."""
+    return run_khofs(*args, timeout=timeout, text=True)
 
 
 def sh(cmd, timeout=30):
@@ -25,20 +25,6 @@ def sh(cmd, timeout=30):
                        timeout=timeout)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout,
                                        r.stderr.decode(errors="replace"))
-
-
-def is_mounted(path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def wait_until(pred, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def pid_alive(pid: int) -> bool:
@@ -124,11 +110,7 @@ class Mounter:
 
 def khofs_bytes(*args, check=True, timeout=30, **kw):
     """Run khofs with bytes output; by default a non-zero exit fails the test."""
-    r = subprocess.run(KHOFS + [str(a) for a in args], capture_output=True, timeout=timeout, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"khofs {' '.join(map(str, args))} exited {r.returncode}:\n"
-                             f"{r.stderr.decode(errors='replace')}")
-    return r
+    return run_khofs(*args, check=check, timeout=timeout, **kw)
 
 
 class PathMounts:

@@ -11,7 +11,6 @@ import os
 import selectors
 import signal
 import struct
-import subprocess
 import sys
 import time
 import traceback
@@ -19,9 +18,9 @@ import traceback
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 
 from khofs.runtime import pid_alive  # noqa: F401  (a process helper, not an oracle)
+from khofs_testlib import KHOFS, is_mounted, mount_count, run_khofs, wait_for  # noqa: F401
 
 PY = sys.executable
-KHOFS = [PY, "-m", "khofs"]
 PAGE = 4096
 U64 = 1 << 64
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,38 +29,8 @@ CORPUS = os.path.join(HERE, "corpus")
 
 # -- running things ---------------------------------------------------------------------
 def khofs(*args, timeout=60, input=None, check=False, env=None):
-    r = subprocess.run(KHOFS + [str(a) for a in args], capture_output=True, timeout=timeout,
-                       input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                       env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"khofs {' '.join(map(str, args))} exited {r.returncode}:\n"
-                             f"{r.stderr.decode(errors='replace')}")
-    return r
-
-
-def mount_count(path) -> int:
-    target = os.path.realpath(path)
-    n = 0
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            if line.split()[4] == target:
-                n += 1
-    return n
-
-
-def is_mounted(path) -> bool:
-    return mount_count(path) > 0
-
-
-def wait_for(pred, timeout=10.0, what="condition", interval=0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """khofs ARGS with bytes output."""
+    return run_khofs(*args, timeout=timeout, input=input, check=check, env=env)
 
 
 def read_file(path) -> bytes:
