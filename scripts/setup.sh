@@ -23,7 +23,7 @@ fi
 stamp=.venv/.khofs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing khofs and its Python dependencies into .venv" >&2
-    if ! .venv/bin/pip install -q --no-binary pyfuse3 -e '.[test]' >.venv/pip.log 2>&1; then
+    if ! .venv/bin/pip install -q --no-binary pyfuse3 -e '.[test,plot]' >.venv/pip.log 2>&1; then
         cat .venv/pip.log >&2
         exit 1
     fi

@@ -133,6 +133,10 @@ class Control:
     def status(self, req):
         return self.m.status()
 
+    @command("memory_layout")
+    def memory_layout(self, req):
+        return self.m.memory_layout()
+
     @command("log")
     def log(self, req):
         return {"lines": [line.text for line in self.m.dmesg]}

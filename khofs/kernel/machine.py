@@ -334,6 +334,19 @@ class Machine:
             "kexec_notes": self.kexec_notes,
         }
 
+    def memory_layout(self) -> dict:
+        """What debugfs does not show of the physical layout (for khofs map)."""
+        return {
+            "nodes": [{"start": s, "end": e} for s, e in self.mem.nodes],
+            "reserve_mem": [{"name": r.name, "start": r.start, "size": r.size}
+                            for r in self.reserve_mem],
+            # the root FDT's page: kexec passes it to the next kernel, debugfs never shows it
+            "fdt_phys": self.kho_out.fdt_page if self.kho_out is not None else None,
+            "in_fdt_phys": self.kho_in.fdt_phys if self.kho_in is not None else None,
+            # what kho_mem_deserialize read; the map's own pages are free memory by now
+            "incoming": [{"order": o, "start": p, "size": n} for o, p, n in self.incoming_runs],
+        }
+
 
 def _shown(param, val):
     return param if val is None else f"{param}={val}"

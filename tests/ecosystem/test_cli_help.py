@@ -6,7 +6,7 @@ import pytest
 
 from ecohelp import khofs
 
-COMMANDS = [["mount"], ["umount"], ["kexec"], ["dump"], ["status"], ["ctl"], ["ctl", "M", "mem"],
+COMMANDS = [["mount"], ["umount"], ["kexec"], ["dump"], ["map"], ["status"], ["ctl"], ["ctl", "M", "mem"],
             ["ctl", "M", "subtree"]]
 
 

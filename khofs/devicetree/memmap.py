@@ -1,0 +1,248 @@
+"""The physical memory layout of a KHO handover: `khofs map`.
+
+A Layout is collected from a kho/ directory (what debugfs shows: out/scratch_phys,
+out/scratch_len, out/fdt, in/fdt, their sub-FDTs) by from_kho_dir, completed on a khofs
+mount by the daemon's replies (RAM, reserve_mem regions, the root FDTs' pages, the incoming
+map, and simulated memory to walk out/fdt's map), then rendered as text here or drawn by
+memmap_plot.py. Any source of a kho/ tree (a mount, a copy, a recording) goes through
+from_kho_dir.
+"""
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .dump import MemorySource, decode
+
+# The bands, top to bottom, and their titles.
+KINDS = ("ram", "scratch", "reserve_mem", "preserved", "fdt")
+TITLES = {"ram": "RAM", "scratch": "scratch", "reserve_mem": "reserve_mem",
+          "preserved": "preserved", "fdt": "FDTs"}
+
+
+class MapSourceError(Exception):
+    """A path that holds no kho/ tree, or one that cannot be read."""
+
+
+@dataclass
+class Region:
+    kind: str           # one of KINDS
+    start: int
+    size: int
+    label: str          # "node 0", "lowmem", "oops", "order 10", "out/fdt", ...
+    order: int | None = None
+    side: str = ""      # preserved: "out" (this kernel hands over) or "in" (it received)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclass
+class Layout:
+    source: str
+    ram_size: int | None = None
+    abi: str | None = None
+    regions: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def of(self, kind: str) -> list:
+        return sorted((r for r in self.regions if r.kind == kind),
+                      key=lambda r: (r.side, r.start, r.label))
+
+    @property
+    def top(self) -> int:
+        """The end of the address axis: RAM's size, else the highest address seen."""
+        if self.ram_size:
+            return self.ram_size
+        return max((r.end for r in self.regions), default=0)
+
+
+def scratch_kind(i: int) -> str:
+    """kho_scratch array order: lowmem, global, then one per NUMA node."""
+    return ("lowmem", "global")[i] if i < 2 else f"node {i - 2}"
+
+
+def merge_by_order(ranges, side: str) -> list:
+    """[(order, start, size)] -> Regions, adjacent or overlapping ranges of one order merged."""
+    out = []
+    for order, start, size in sorted(ranges):
+        last = out[-1] if out else None
+        if last is not None and last.order == order and start <= last.end:
+            last.size = max(last.end, start + size) - last.start
+        else:
+            out.append(Region("preserved", start, size, f"order {order}", order, side))
+    return out
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise MapSourceError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _lines(path: str) -> list:
+    try:
+        return [int(x, 16) for x in _read(path).decode().split()]
+    except (UnicodeDecodeError, ValueError):
+        raise MapSourceError(f"{path}: not one hex address a line") from None
+
+
+def kho_dir_of(path: str) -> str:
+    kho = os.path.join(path, "kho")
+    kho = kho if os.path.isdir(kho) else path
+    if not os.path.isdir(os.path.join(kho, "out")):
+        raise MapSourceError(f"{path}: no kho/ tree here (not a khofs mount, or KHO is off)")
+    return kho
+
+
+def from_kho_dir(kho: str, status: dict | None = None, layout: dict | None = None,
+                 mem: MemorySource | None = None) -> Layout:
+    """The layout a kho/ directory shows, completed by a daemon's status and memory_layout
+    replies and its memory when given (any copy of a kho/ tree works without them)."""
+    lay = Layout(kho)
+    phys = _lines(os.path.join(kho, "out", "scratch_phys"))
+    lens = _lines(os.path.join(kho, "out", "scratch_len"))
+    for i, (a, s) in enumerate(zip(phys, lens)):
+        lay.regions.append(Region("scratch", a, s, scratch_kind(i)))
+    if status is not None:
+        lay.ram_size, lay.abi = status["memory_size"], status["abi"]
+    if layout is not None:
+        for nid, n in enumerate(layout["nodes"]):
+            lay.regions.append(Region("ram", n["start"], n["end"] - n["start"], f"node {nid}"))
+        for r in layout["reserve_mem"]:
+            lay.regions.append(Region("reserve_mem", r["start"], r["size"], r["name"]))
+    else:
+        lay.notes.append("RAM size, reserve_mem regions not in a handed-over memblock FDT and "
+                         "the root FDTs' addresses need the khofs daemon (not running here)")
+    for side in ("out", "in"):
+        _side(lay, kho, side, (layout or {}).get(f"{'in_' if side == 'in' else ''}fdt_phys"),
+              mem if side == "out" else None)
+    if layout is not None and layout["incoming"]:
+        lay.regions += merge_by_order([(r["order"], r["start"], r["size"])
+                                       for r in layout["incoming"]], "in")
+    _notes(lay, kho, status, mem)
+    if lay.ram_size is None and lay.regions:
+        lay.regions.append(Region("ram", 0, lay.top, "RAM (extent unknown)"))
+    return lay
+
+
+def _side(lay: Layout, kho: str, side: str, root_phys, mem) -> None:
+    path = os.path.join(kho, side, "fdt")
+    if not os.path.exists(path):
+        return
+    blob = _read(path)
+    size = struct.unpack(">I", blob[4:8])[0] if len(blob) >= 8 else 0
+    if len(blob) < size and root_phys is not None and mem is not None:
+        # 7.x: out/fdt keeps the size the FDT had when the file was made; the FDT grows.
+        lay.notes.append(f"{side}/fdt shows {len(blob)} of the FDT's {size} bytes (its size "
+                         "was fixed when the file was made); the rest read from memory")
+        blob = mem.read(root_phys, size)
+    sub_dir = os.path.join(kho, side, "sub_fdts")
+    subs = {n: _read(os.path.join(sub_dir, n)) for n in sorted(os.listdir(sub_dir))} \
+        if os.path.isdir(sub_dir) else {}
+    d = decode(blob, path, mem, subs)
+    if d["root"] is None:
+        raise MapSourceError(f"{path}: {'; '.join(d['problems'])}")
+    if root_phys is not None:
+        lay.regions.append(Region("fdt", root_phys, len(blob), f"{side}/fdt"))
+    for child in d["root"]["children"]:
+        props = {p["name"]: p for p in child["properties"]}
+        where = props.get("fdt") or props.get("preserved-data")
+        if where is None or where["kind"] != "u64":
+            continue
+        size = len(subs[child["name"]]) if child["name"] in subs else \
+            (props["blob-size"]["value"] if "blob-size" in props else 0)
+        label = f"{side}/sub_fdts/{child['name']}"
+        lay.regions.append(Region("fdt", where["value"], size, label))
+        sub = child.get("sub_fdt") or {}
+        if sub.get("compatible") == "memblock-v1":
+            known = {(r.label, r.start) for r in lay.regions if r.kind == "reserve_mem"}
+            for region in sub["root"]["children"]:
+                rp = {p["name"]: p["value"] for p in region["properties"]}
+                if "start" in rp and "size" in rp and (region["name"], rp["start"]) not in known:
+                    lay.regions.append(Region("reserve_mem", rp["start"], rp["size"],
+                                              region["name"]))
+    m = d["memory_map"]
+    if m is not None:
+        if m["error"]:
+            lay.notes.append(f"{side}/fdt's memory map: {m['error']}")
+        lay.regions += merge_by_order([(r["order"], r["start"], r["size"]) for r in m["ranges"]],
+                                      side)
+
+
+def _notes(lay: Layout, kho: str, status, mem) -> None:
+    out_map = sum(r.size for r in lay.regions if r.kind == "preserved" and r.side == "out")
+    if status is not None and status["preserved_bytes"] != out_map:
+        shown = "no out/fdt" if not os.path.exists(os.path.join(kho, "out", "fdt")) else \
+            f"out/fdt's map holds {fmt_size(out_map)}"
+        lay.notes.append(f"this kernel preserves {fmt_size(status['preserved_bytes'])}; {shown} "
+                         "(the map is written at finalize: echo 1 > kho/out/finalize)")
+    if mem is None and os.path.exists(os.path.join(kho, "out", "fdt")):
+        lay.notes.append("out/fdt's memory map lives in preserved memory, which only a khofs "
+                         "daemon can read: preserved ranges not shown")
+
+
+# -- text -------------------------------------------------------------------------------
+def fmt_size(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and (n % (1 << shift) == 0 or shift >= 20):
+            q = n / (1 << shift)
+            return f"{n >> shift} {unit}" if n % (1 << shift) == 0 else f"{q:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _total(n: int) -> str:
+    text = fmt_size(n)
+    return text if text.endswith("bytes") else f"{text} ({n} bytes)"
+
+
+def _row(r: Region, width: int) -> str:
+    extra = ""
+    if r.kind == "preserved":
+        extra = f"  {r.size >> (12 + r.order)} block(s)"
+    return (f"  {r.label:<{width}} [0x{r.start:0{12}x}, 0x{r.end:0{12}x})  "
+            f"{fmt_size(r.size):>10}{extra}")
+
+
+def render_text(lay: Layout) -> str:
+    ram = fmt_size(lay.ram_size) if lay.ram_size else "unknown"
+    lines = [f"{lay.source}: physical memory layout"
+             + (f" (ABI {lay.abi})" if lay.abi else "") + f", RAM {ram}"]
+    width = max([len(r.label) for r in lay.regions] + [8])
+    for kind in KINDS:
+        groups = [("", lay.of(kind))]
+        if kind == "preserved":
+            groups = [(f" ({s}: {'handed over by this kernel' if s == 'out' else 'received'}"
+                       ", merged by order)",
+                       sorted((r for r in lay.of(kind) if r.side == s),
+                              key=lambda r: (r.order, r.start)))
+                      for s in ("out", "in")]
+        for suffix, regions in groups:
+            if not regions and kind == "preserved":
+                continue
+            lines.append(f"{TITLES[kind]}{suffix}:")
+            lines += [_row(r, width) for r in regions] or ["  (none)"]
+    lines.append("totals:")
+    for kind in KINDS:
+        regions = lay.of(kind)
+        if kind == "preserved":
+            for side in ("out", "in"):
+                rs = [r for r in regions if r.side == side]
+                if rs:
+                    orders = {}
+                    for r in rs:
+                        orders[r.order] = orders.get(r.order, 0) + r.size
+                    per = ", ".join(f"order {o}: {fmt_size(n)}" for o, n in sorted(orders.items()))
+                    total = sum(r.size for r in rs)
+                    lines.append(f"  {f'preserved ({side}):':<17} {_total(total)} in "
+                                 f"{len(rs)} range(s); {per}")
+            continue
+        total = sum(r.size for r in regions)
+        lines.append(f"  {TITLES[kind] + ':':<17} {_total(total)} in "
+                     f"{len(regions)} {'region' if kind != 'fdt' else 'FDT'}(s)")
+    lines += [f"note: {n}" for n in lay.notes]
+    return "\n".join(lines)
+
