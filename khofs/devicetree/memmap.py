@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from ..kernel.profile import get_profile
 from .dump import MemorySource, decode
 
 # The bands, top to bottom, and their titles.
@@ -131,9 +132,18 @@ def from_kho_dir(kho: str, status: dict | None = None, layout: dict | None = Non
 
 def _side(lay: Layout, kho: str, side: str, root_phys, mem) -> None:
     path = os.path.join(kho, side, "fdt")
-    if not os.path.exists(path):
+    if os.path.exists(path):
+        blob = _read(path)
+    elif side == "out" and None not in (root_phys, mem, lay.abi) and \
+            get_profile(lay.abi).fdt_at_boot:
+        # 7.x keeps the root FDT current in its page, but debugfs shows it only after a
+        # cold boot.
+        blob = mem.read(root_phys, min(struct.unpack(">I", mem.read(root_phys + 4, 4))[0],
+                                       1 << 20))
+        lay.notes.append(f"out/fdt is not in debugfs after a kexec (ABI {lay.abi}); read "
+                         "from the root FDT's page")
+    else:
         return
-    blob = _read(path)
     size = struct.unpack(">I", blob[4:8])[0] if len(blob) >= 8 else 0
     if len(blob) < size and root_phys is not None and mem is not None:
         # 7.x: out/fdt keeps the size the FDT had when the file was made; the FDT grows.
@@ -178,8 +188,10 @@ def _notes(lay: Layout, kho: str, status, mem) -> None:
     if status is not None and status["preserved_bytes"] != out_map:
         shown = "no out/fdt" if not os.path.exists(os.path.join(kho, "out", "fdt")) else \
             f"out/fdt's map holds {fmt_size(out_map)}"
-        lay.notes.append(f"this kernel preserves {fmt_size(status['preserved_bytes'])}; {shown} "
-                         "(the map is written at finalize: echo 1 > kho/out/finalize)")
+        why = " (the map is written at finalize: echo 1 > kho/out/finalize)" \
+            if os.path.exists(os.path.join(kho, "out", "finalize")) else ""
+        lay.notes.append(f"this kernel preserves {fmt_size(status['preserved_bytes'])}; "
+                         f"{shown}{why}")
     if mem is None and os.path.exists(os.path.join(kho, "out", "fdt")):
         lay.notes.append("out/fdt's memory map lives in preserved memory, which only a khofs "
                          "daemon can read: preserved ranges not shown")

@@ -275,3 +275,28 @@ def test_memory_layout_without_kho(mnt):
                    "reserve_mem": [{"name": "oops", "start": oops[0]["start"], "size": 4 << 20}],
                    "fdt_phys": None, "in_fdt_phys": None, "incoming": []}
     assert oops[0]["start"] % 4096 == 0 and oops[0]["start"] + (4 << 20) <= 1 << 30
+
+
+def test_7x_after_kexec_out_from_the_root_page(mnt):
+    """7.x shows out/fdt only after a cold boot; the map reads the live root FDT's page."""
+    _mount(mnt, "--abi", "7.1", "--memory", "1G", "--cmdline", CMDLINE)
+    assert khofs("kexec", mnt).returncode == 0
+    assert not (mnt / "kho/out/fdt").exists()
+    with Client(mnt) as c:
+        lay = c.call("memory_layout")
+        size = struct.unpack(">I", c.mem_read(lay["fdt_phys"] + 4, 4))[0]
+        preserved = c.status()["preserved_bytes"]
+    assert lay["in_fdt_phys"] not in (None, lay["fdt_phys"])
+    r = khofs("map", mnt)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    at = lay["fdt_phys"]
+    assert re.search(rf"\n  out/fdt +\[0x{at:012x}, 0x{at + size:012x}\) +{size} bytes\n", out)
+    assert re.search(rf"\n  in/fdt +\[0x{lay['in_fdt_phys']:012x}, ", out)
+    assert re.search(r"\n  order 10 +\[0x00003fc00000, 0x000040000000\) +4 MiB  1 block\(s\)\n",
+                     out.split("preserved (in")[0])
+    # What the page's map holds is all this kernel preserves: no note about a finalize.
+    assert re.search(rf"  preserved \(out\):  [^\n]* \({preserved} bytes\) in 3 range\(s\)", out)
+    assert out.rstrip().endswith("note: out/fdt is not in debugfs after a kexec (ABI 7.1); "
+                                 "read from the root FDT's page")
+    assert out.count("note: ") == 1

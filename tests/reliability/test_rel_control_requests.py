@@ -35,6 +35,7 @@ DTB = sup.small_dtb("rel-ctl-v1")
 # The protocol as documented: command -> (required fields, optional fields), field -> kind.
 SPEC = {
     "status": ({}, {}), "log": ({}, {}), "subtree_list": ({}, {}), "kexec_exec": ({}, {}),
+    "memory_layout": ({}, {}),
     "mem_alloc": ({"size": "int"}, {}),
     "mem_free": ({"phys": "int"}, {}),
     "mem_write": ({"phys": "int", "data": "b64"}, {}),
