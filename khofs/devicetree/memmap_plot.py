@@ -90,6 +90,7 @@ def draw(lay: Layout, path: str, fmt: str) -> None:
         ax.tick_params(axis="y", length=0)
         for s in ("top", "right", "left"):
             ax.spines[s].set_visible(False)
+    keyed = []
     for y, (title, regions) in enumerate(rows):
         lin_bars, warp_bars, colors = [], [], []
         for r in regions:
@@ -111,9 +112,14 @@ def draw(lay: Layout, path: str, fmt: str) -> None:
             if r.kind == "preserved":
                 continue            # the legend names the orders
             fits = len(r.label) * 7 * 0.62 <= w / warp.x[-1] * AXIS_PT
-            # A label wider than its bar goes just above or below it, alternately.
+            text = r.label
+            if not fits:
+                # A label wider than its bar: a number just above or below it, alternately,
+                # and the label in the key.
+                keyed.append(r.label)
+                text = str(len(keyed))
             dy, va = (0, "center") if fits else ((-0.36, "bottom"), (0.36, "top"))[i % 2]
-            warp_ax.text(x0 + w / 2, y + dy, r.label, ha="center", va=va, fontsize=7)
+            warp_ax.text(x0 + w / 2, y + dy, text, ha="center", va=va, fontsize=7)
     _gaps(lay, warp, warp_ax, rows)
     lin.set_xlim(0, 1 + MIN_SLIVER)
     ticks = [i / 4 for i in range(5)]
@@ -131,8 +137,15 @@ def draw(lay: Layout, path: str, fmt: str) -> None:
         from matplotlib.patches import Patch
         handles = [Patch(facecolor=cmap(orders.index(o) / max(len(orders) - 1, 1) * 0.85),
                          label=f"order {o} ({fmt_size(4096 << o)} blocks)") for o in orders]
-        warp_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0),
-                       fontsize=7, title="preserved", title_fontsize=7, frameon=False)
+        warp_ax.add_artist(warp_ax.legend(
+            handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
+            title="preserved", title_fontsize=7, frameon=False))
+    if keyed:
+        from matplotlib.patches import Patch
+        handles = [Patch(visible=False, label=f"{n}: {label}")
+                   for n, label in enumerate(keyed, 1)]
+        warp_ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(1.0, 0.0),
+                       fontsize=7, handlelength=0, handletextpad=0, frameon=False)
     try:
         fig.savefig(path, format=fmt, bbox_inches="tight", dpi=110,
                     metadata={"Date": None} if fmt == "svg" else None)
