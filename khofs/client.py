@@ -30,6 +30,7 @@ class Client:
         self.rfile = self.sock.makefile("rb")
 
     def close(self):
+        """Close the connection to the daemon."""
         self.rfile.close()
         self.sock.close()
 
@@ -40,6 +41,7 @@ class Client:
         self.close()
 
     def call(self, cmd: str, **fields) -> dict:
+        """Send one control request and return its reply; ControlError if it failed."""
         self.sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
         line = self.rfile.readline()
         if not line:
@@ -51,24 +53,31 @@ class Client:
 
     # conveniences
     def status(self) -> dict:
+        """The emulated kernel's status (as `khofs status --json`)."""
         return self.call("status")
 
     def mem_alloc(self, size: int) -> int:
+        """Allocate size bytes of simulated memory (whole pages); their address."""
         return self.call("mem_alloc", size=size)["phys"]
 
     def mem_write(self, phys: int, data: bytes) -> None:
+        """Write data into simulated memory at phys."""
         self.call("mem_write", phys=phys, data=base64.b64encode(data).decode())
 
     def mem_read(self, phys: int, size: int) -> bytes:
+        """size bytes of simulated memory at phys."""
         return base64.b64decode(self.call("mem_read", phys=phys, size=size)["data"])
 
     def preserve(self, phys: int, size: int) -> None:
+        """kho_preserve_pages of [phys, phys + size)."""
         self.call("preserve", phys=phys, size=size)
 
     def preserve_folio(self, phys: int, order: int, count: int = 1) -> None:
+        """kho_preserve_folio of count order-`order` folios from phys."""
         self.call("preserve_folio", phys=phys, order=order, count=count)
 
     def subtree_add(self, name: str, blob: bytes, preserve: bool = True) -> int:
+        """Register a producer's sub-FDT (or, on 7.1, any blob) as name; its address."""
         return self.call("subtree_add", name=name, blob=base64.b64encode(blob).decode(),
                          preserve=preserve)["phys"]
 
@@ -78,13 +87,16 @@ class Client:
         return self.subtree_add(name, dts_to_dtb(text), preserve)
 
     def subtree_remove(self, name: str) -> None:
+        """Unregister the subtree name."""
         self.call("subtree_remove", name=name)
 
     def kexec(self, cmdline: str | None = None, release: str | None = None,
               abi: str | None = None) -> dict:
+        """Load and exec the next kernel; the new boot's log and notes."""
         fields = {k: v for k, v in (("cmdline", cmdline), ("release", release), ("abi", abi))
                   if v is not None}
         return self.call("kexec", **fields)
 
     def fail(self, op: str, err) -> None:
+        """Make the next op (finalize or abort) fail with err."""
         self.call("fail", op=op, errno=err)

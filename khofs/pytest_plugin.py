@@ -42,6 +42,7 @@ class KhofsMount:
         self._client = None
 
     def start(self) -> "KhofsMount":
+        """Mount and wait until it answers."""
         self.root.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([sys.executable, "-m", "khofs", "mount", str(self.root),
                             "--cmdline", self.cmdline, *self.args],
@@ -60,6 +61,7 @@ class KhofsMount:
         return self._client
 
     def write_finalize(self, value: bytes) -> int:
+        """One write(2) of value to out/finalize; the byte count."""
         fd = os.open(self.out / "finalize", os.O_WRONLY)
         try:
             return os.write(fd, value)
@@ -67,19 +69,24 @@ class KhofsMount:
             os.close(fd)
 
     def finalize(self) -> None:
+        """echo 1 > out/finalize."""
         self.write_finalize(b"1\n")
 
     def abort(self) -> None:
+        """echo 0 > out/finalize."""
         self.write_finalize(b"0\n")
 
     def kexec(self, cmdline: str | None = None, release: str | None = None,
               abi: str | None = None) -> dict:
+        """Load and exec the next kernel."""
         return self.ctl.kexec(cmdline, release, abi)
 
     def status(self) -> dict:
+        """The kernel's status."""
         return self.ctl.status()
 
     def log(self) -> list[str]:
+        """This boot's kernel log lines."""
         return self.ctl.call("log")["lines"]
 
     def stop(self) -> None:
@@ -103,6 +110,7 @@ class KhofsMount:
 
 @contextlib.contextmanager
 def mounted(mountpoint, cmdline: str = "kho=on", args=(), abi=None, release=None):
+    """A khofs mount at mountpoint for the with block, then unmounted."""
     m = KhofsMount(mountpoint, cmdline, args, abi, release)
     try:
         yield m.start()
@@ -111,6 +119,7 @@ def mounted(mountpoint, cmdline: str = "kho=on", args=(), abi=None, release=None
 
 
 def pytest_configure(config):
+    """Register the khofs marker."""
     config.addinivalue_line(
         "markers", 'khofs(cmdline="kho=on ...", args=[...], abi="7.1", release="..."): the '
         "kernel command line, extra `khofs mount` arguments, ABI profile and uname -r for the "

@@ -8,6 +8,7 @@ import time
 
 
 def runtime_dir() -> str:
+    """Where mounts' runtime files live (/run/khofs as root)."""
     if os.geteuid() == 0:
         base = "/run/khofs"
     else:
@@ -19,10 +20,12 @@ def runtime_dir() -> str:
 # Callers pass mount points already made absolute and resolved: resolving a path on a live
 # mount from inside its own daemon before the FUSE loop runs would deadlock.
 def mount_key(mountpoint: str) -> str:
+    """The runtime files' name for a mount point."""
     return hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
 
 
 def paths(mountpoint: str) -> dict:
+    """The info, log, socket and lock paths of a mount point."""
     base = os.path.join(runtime_dir(), mount_key(mountpoint))
     return {"info": base + ".json", "log": base + ".log", "sock": base + ".sock",
             "lock": base + ".lock"}
@@ -83,6 +86,7 @@ def clear_stale_lock(mountpoint: str) -> None:
 
 
 def write_info(mountpoint: str, **info) -> None:
+    """Record a mount's daemon info, atomically."""
     p = paths(mountpoint)["info"]
     tmp = p + ".tmp"
     with open(tmp, "w") as f:
@@ -91,6 +95,7 @@ def write_info(mountpoint: str, **info) -> None:
 
 
 def read_info(mountpoint: str):
+    """A mount's daemon info, or None."""
     try:
         with open(paths(mountpoint)["info"]) as f:
             return json.load(f)
@@ -99,6 +104,7 @@ def read_info(mountpoint: str):
 
 
 def remove_info(mountpoint: str) -> None:
+    """Forget a mount's daemon info and socket."""
     for p in (paths(mountpoint)["info"], paths(mountpoint)["sock"]):
         try:
             os.unlink(p)

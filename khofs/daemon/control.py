@@ -25,6 +25,7 @@ MAX_LINE = 256 << 20
 
 
 class BadRequest(KernelError):
+    """A request refused before it touches the kernel (EINVAL unless told)."""
     def __init__(self, message, err=errno.EINVAL):
         super().__init__(err, message)
 
@@ -67,6 +68,7 @@ COMMANDS = {}
 
 
 def command(name, required=(), optional=()):
+    """Register the decorated method as control request name, with its fields."""
     def deco(fn):
         COMMANDS[name] = (fn, set(required), set(optional))
         return fn
@@ -74,6 +76,7 @@ def command(name, required=(), optional=()):
 
 
 class Control:
+    """The control requests of one mount, run against its current boot."""
     def __init__(self, host: Host):
         self.host = host
         self.user_allocs: dict[int, int] = {}        # phys -> pages, of the current boot
@@ -86,6 +89,7 @@ class Control:
 
     @property
     def m(self):
+        """The machine of the current boot."""
         return self.host.machine
 
     def _kho(self):
@@ -94,6 +98,7 @@ class Control:
         return self.m.kho_out
 
     def handle_line(self, line: bytes) -> dict:
+        """One JSON request line in, its reply out; never raises."""
         try:
             try:
                 req = json.loads(line)
@@ -131,18 +136,22 @@ class Control:
     # -- commands --------------------------------------------------------------
     @command("status")
     def status(self, req):
+        """Request status: the kernel's status."""
         return self.m.status()
 
     @command("memory_layout")
     def memory_layout(self, req):
+        """Request memory_layout: what `khofs map` needs beyond debugfs."""
         return self.m.memory_layout()
 
     @command("log")
     def log(self, req):
+        """Request log: this boot's kernel log lines."""
         return {"lines": [line.text for line in self.m.dmesg]}
 
     @command("mem_alloc", ["size"])
     def mem_alloc(self, req):
+        """Request mem_alloc: whole pages of simulated memory for the caller."""
         size = _int(req, "size", 1, self.m.mem.size)
         pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
         phys = self.m.pages.alloc_range(pages)
@@ -151,6 +160,7 @@ class Control:
 
     @command("mem_free", ["phys"])
     def mem_free(self, req):
+        """Request mem_free: give back an allocation made with mem_alloc."""
         phys = _int(req, "phys")
         if phys not in self.user_allocs:
             raise BadRequest(f"0x{phys:x} is not an allocation made with mem_alloc", errno.ENOENT)
@@ -158,35 +168,42 @@ class Control:
 
     @command("mem_write", ["phys", "data"])
     def mem_write(self, req):
+        """Request mem_write: bytes written into simulated memory."""
         phys, data = _int(req, "phys"), _bytes(req, "data")
         self.m.mem.write(phys, data)
         return {"written": len(data)}
 
     @command("mem_read", ["phys", "size"])
     def mem_read(self, req):
+        """Request mem_read: bytes of simulated memory, base64."""
         phys, size = _int(req, "phys"), _int(req, "size", 0, 1 << 30)
         return {"data": base64.b64encode(self.m.mem.read(phys, size)).decode()}
 
     @command("preserve", ["phys", "size"])
     def preserve(self, req):
+        """Request preserve: kho_preserve_pages of a page range."""
         self._kho().preserve_pages(_int(req, "phys"), _int(req, "size", 0))
 
     @command("preserve_folio", ["phys", "order"], ["count"])
     def preserve_folio(self, req):
+        """Request preserve_folio: kho_preserve_folio of one or more folios."""
         phys, order = _int(req, "phys"), _int(req, "order", 0, 51)
         count = _int(req, "count", 1) if "count" in req else 1
         self._kho().preserve_folios(phys, count, order)
 
     @command("unpreserve", ["phys", "size"])
     def unpreserve(self, req):
+        """Request unpreserve: kho_unpreserve_pages of a page range."""
         self._kho().unpreserve_pages(_int(req, "phys"), _int(req, "size", 0))
 
     @command("unpreserve_folio", ["phys", "order"])
     def unpreserve_folio(self, req):
+        """Request unpreserve_folio: kho_unpreserve_folio."""
         self._kho().unpreserve_folio(_int(req, "phys"), _int(req, "order", 0, 51))
 
     @command("subtree_add", ["name", "blob"], ["preserve"])
     def subtree_add(self, req):
+        """Request subtree_add: a producer registers its blob under a name."""
         kho = self._kho()
         name, blob = _str(req, "name"), _bytes(req, "blob")
         preserve = req.get("preserve", True)
@@ -213,6 +230,7 @@ class Control:
 
     @command("subtree_remove", ["name"])
     def subtree_remove(self, req):
+        """Request subtree_remove: the producer unregisters."""
         name = _str(req, "name")
         producer = self.subtrees.get(name)
         if producer is None:
@@ -229,11 +247,13 @@ class Control:
 
     @command("subtree_list")
     def subtree_list(self, req):
+        """Request subtree_list: the producers registered through this socket."""
         return {"subtrees": [{"name": p.name, "phys": p.phys, "size": len(p.blob),
                               "preserve": p.preserve} for p in self.subtrees.values()]}
 
     @command("fail", ["op", "errno"])
     def fail(self, req):
+        """Request fail: the next finalize or abort fails with an errno."""
         op = _str(req, "op")
         if op not in ("finalize", "abort"):
             raise BadRequest(f"can inject failures into finalize or abort, not {op!r}")
@@ -244,19 +264,23 @@ class Control:
 
     @command("test_kho", [], ["seed"])
     def test_kho(self, req):
+        """Request test_kho: load the KHO test module now."""
         seed = _int(req, "seed") if "seed" in req else None
         self.m.start_test_kho(seed)
 
     @command("kexec_load", [], ["cmdline", "release", "abi"])
     def kexec_load(self, req):
+        """Request kexec_load: kexec -s -l of the next kernel."""
         return self.host.kexec_load(_str(req, "cmdline", True), _release(req), _abi(req))
 
     @command("kexec_exec")
     def kexec_exec(self, req):
+        """Request kexec_exec: kexec -e into the loaded kernel."""
         return self.host.kexec_exec()
 
     @command("kexec", [], ["cmdline", "release", "abi"])
     def kexec(self, req):
+        """Request kexec: load and exec in one step."""
         self.host.kexec_load(_str(req, "cmdline", True), _release(req), _abi(req))
         return self.host.kexec_exec()
 

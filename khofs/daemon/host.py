@@ -13,6 +13,7 @@ HANDOVER_FILE = "handover"
 
 
 class Host:
+    """The running system behind one mount: its machine, debugfs tree and state dir."""
     def __init__(self, machine: Machine, state_dir: str | None = None, log=None):
         self.machine = machine
         self.tree = Tree(machine)
@@ -38,17 +39,20 @@ class Host:
         return cls(machine, state_dir, log)
 
     def boot_log(self) -> None:
+        """Copy this boot's kernel log and kexec notes to the daemon's log."""
         for line in self.machine.dmesg:
             self.log(f"kernel: {line.text}")
         for note in self.machine.kexec_notes:
             self.log(f"khofs: kexec: {note}")
 
     def kexec_load(self, cmdline=None, release=None, abi=None) -> dict:
+        """kexec -s -l; what was loaded and whether it carries a handover."""
         img = self.machine.kexec_load(cmdline, release, abi)
         return {"cmdline": img.cmdline, "release": img.release, "abi": img.abi,
                 "handover": img.fdt_phys is not None}
 
     def kexec_exec(self) -> dict:
+        """kexec -e: boot the next kernel from the handover; its log and notes."""
         ho = self.machine.kexec_exec()
         if self.state_dir:
             save_handover(self.state_dir, ho)
@@ -68,6 +72,7 @@ class Host:
 
 
 def prepare_state_dir(path: str) -> None:
+    """Create the state dir 0700 and drop a handover write a killed daemon left."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
     for name in os.listdir(path):
@@ -76,6 +81,7 @@ def prepare_state_dir(path: str) -> None:
 
 
 def load_handover(state_dir: str):
+    """The handover kept in state_dir by the last kexec, or None."""
     path = os.path.join(state_dir, HANDOVER_FILE)
     try:
         with open(path, "rb") as f:

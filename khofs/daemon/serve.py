@@ -19,6 +19,7 @@ from .host import Host
 
 
 def log(text: str) -> None:
+    """One line to the daemon's log (its stderr)."""
     print(text, file=sys.stderr, flush=True)
 
 
@@ -62,6 +63,7 @@ class Daemon:
         self.signalled = 0
 
     def mount(self) -> None:
+        """Mount the FUSE file system (pyfuse3.init); the kernel starts sending requests."""
         pyfuse3.init(self.ops, self.mountpoint, sorted(self.options))
         self._mounted = True
 
@@ -107,6 +109,7 @@ class Daemon:
             nursery.cancel_scope.cancel()
 
     def run(self, on_ready=None) -> None:
+        """Serve until unmounted or signalled, then close the session."""
         try:
             trio.run(self._main, on_ready)
         finally:

@@ -27,6 +27,7 @@ class MapSourceError(Exception):
 
 @dataclass
 class Region:
+    """One region of physical memory in the layout."""
     kind: str           # one of KINDS
     start: int
     size: int
@@ -36,11 +37,13 @@ class Region:
 
     @property
     def end(self) -> int:
+        """The first address past the region."""
         return self.start + self.size
 
 
 @dataclass
 class Layout:
+    """The physical memory layout of one handover, as `khofs map` shows it."""
     source: str
     ram_size: int | None = None
     abi: str | None = None
@@ -48,6 +51,7 @@ class Layout:
     notes: list = field(default_factory=list)
 
     def of(self, kind: str) -> list:
+        """The regions of one kind, in address order."""
         return sorted((r for r in self.regions if r.kind == kind),
                       key=lambda r: (r.side, r.start, r.label))
 
@@ -92,6 +96,7 @@ def _lines(path: str) -> list:
 
 
 def kho_dir_of(path: str) -> str:
+    """The kho/ directory of a mount point or of a kho/ path."""
     kho = os.path.join(path, "kho")
     kho = kho if os.path.isdir(kho) else path
     if not os.path.isdir(os.path.join(kho, "out")):
@@ -199,6 +204,7 @@ def _notes(lay: Layout, kho: str, status, mem) -> None:
 
 # -- text -------------------------------------------------------------------------------
 def fmt_size(n: int) -> str:
+    """A size in the largest unit that shows it plainly (4 KiB, 1.5 GiB)."""
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and (n % (1 << shift) == 0 or shift >= 20):
             q = n / (1 << shift)
@@ -220,6 +226,7 @@ def _row(r: Region, width: int) -> str:
 
 
 def render_text(lay: Layout) -> str:
+    """The text form of a layout."""
     ram = fmt_size(lay.ram_size) if lay.ram_size else "unknown"
     lines = [f"{lay.source}: physical memory layout"
              + (f" (ABI {lay.abi})" if lay.abi else "") + f", RAM {ram}"]

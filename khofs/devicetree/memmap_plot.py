@@ -71,6 +71,7 @@ def _color(r, orders, cmap):
 
 
 def draw(lay: Layout, path: str, fmt: str) -> None:
+    """Draw the layout to path as SVG or PNG (fmt), with matplotlib."""
     matplotlib, plt = _pyplot()
     matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "khofs",
                                 "font.size": 8})

@@ -17,6 +17,7 @@ ROOT_INO = 1
 
 
 class Node:
+    """A debugfs inode: name, mode, times, parent."""
     def __init__(self, tree: "Tree", name: str, mode: int, parent: "Node | None"):
         self.tree = tree
         self.ino = tree.next_ino()
@@ -30,35 +31,43 @@ class Node:
         self.nlookup = 0             # references the kernel holds (FUSE lookup count)
 
     def is_dir(self) -> bool:
+        """Whether the node is a directory."""
         return stat.S_ISDIR(self.mode)
 
 
 class Dir(Node):
+    """A directory whose children come from kernel state on every look."""
     def __init__(self, tree, name, parent, children_fn, mode=0o755):
         super().__init__(tree, name, stat.S_IFDIR | mode, parent)
         self.children_fn = children_fn
 
     def children(self) -> list[Node]:
+        """The directory's entries now."""
         return self.children_fn()
 
     def nlink(self) -> int:
+        """2 plus one per subdirectory, as on debugfs."""
         return 2 + sum(1 for c in self.children() if c.is_dir())
 
 
 class File(Node):
+    """A debugfs file; what it reads and writes is its handle's."""
     nonseekable = False
 
     def __init__(self, tree, name, parent, mode):
         super().__init__(tree, name, stat.S_IFREG | mode, parent)
 
     def content_size(self) -> int:
+        """The length a read to EOF returns now."""
         return 0
 
     def open(self) -> "Handle":
+        """A handle for one open(2) of the file."""
         return Handle(self)
 
 
 class Handle:
+    """One open file; EIO once its file is removed, as debugfs_file_get() fails."""
     __slots__ = ("node",)
 
     def __init__(self, node: File):
@@ -72,9 +81,11 @@ class Handle:
             raise KernelError(errno.EIO, "the file was removed")
 
     def read(self, off: int, size: int) -> bytes:
+        """Bytes at off; EINVAL for a file without a read handler."""
         raise KernelError(errno.EINVAL)
 
     def write(self, off: int, data: bytes) -> int:
+        """Bytes written at off; EINVAL for a file without a write handler."""
         # debugfs's full proxy: no write handler means EINVAL.
         self._live()
         raise KernelError(errno.EINVAL, "this file cannot be written")
@@ -88,16 +99,20 @@ class ShowFile(File):
         self.text_fn = text_fn
 
     def content_size(self) -> int:
+        """The length of the file's text now."""
         return len(self.text_fn())
 
     def open(self):
+        """A handle reading the file's text."""
         return ShowHandle(self)
 
 
 class ShowHandle(Handle):
+    """A seq_file-style read of a text made by the kernel."""
     __slots__ = ()
 
     def read(self, off, size):
+        """The text's bytes at off."""
         self._live()
         return self.node.text_fn()[off:off + size]
 
@@ -112,13 +127,16 @@ class AttrFile(File):
         self.get, self.set = get, set_
 
     def content_size(self) -> int:
+        """The length of the attribute's value as text."""
         return len(b"%d\n" % self.get())
 
     def open(self):
+        """A handle on the simple attribute."""
         return AttrHandle(self)
 
 
 class AttrHandle(Handle):
+    """An open DEFINE_DEBUGFS_ATTRIBUTE file: "%llu\n" out, kstrtoull in."""
     __slots__ = ("get_buf",)
 
     def __init__(self, node):
@@ -126,12 +144,14 @@ class AttrHandle(Handle):
         self.get_buf = b""
 
     def read(self, off, size):
+        """The value as text, read at the open's first read and kept for the rest."""
         self._live()
         if not (off and self.get_buf):
             self.get_buf = (b"%d\n" % self.node.get())[:SIMPLE_ATTR_BUF - 1]
         return self.get_buf[off:off + size]
 
     def write(self, off, data):
+        """Parse the bytes with kstrtoull and set the attribute; its errno if refused."""
         self._live()
         val = kstrtoull(bytes(data[:SIMPLE_ATTR_BUF - 1]), 0)
         self.node.set(val)
@@ -146,16 +166,20 @@ class BlobFile(File):
         self.blob, self.mem = blob, mem
 
     def content_size(self) -> int:
+        """The blob's size, as debugfs_create_blob fixed it."""
         return self.blob.size
 
     def open(self):
+        """A handle on the blob's bytes in memory."""
         return BlobHandle(self)
 
 
 class BlobHandle(Handle):
+    """An open debugfs blob: reads and writes go to the memory behind it."""
     __slots__ = ()
 
     def read(self, off, size):
+        """The blob's bytes at off, short at its end."""
         self._live()
         b = self.node.blob
         if off >= b.size:
@@ -163,6 +187,7 @@ class BlobHandle(Handle):
         return self.node.mem.read(b.phys + off, min(size, b.size - off))
 
     def write(self, off, data):
+        """Bytes written into the blob's memory at off (as root may), within its size."""
         self._live()
         b = self.node.blob
         if off >= b.size or not data:
@@ -220,6 +245,7 @@ class Tree:
                                                           machine.mem)))
 
     def next_ino(self) -> int:
+        """A fresh inode number, as debugfs's get_next_ino()."""
         self._ino += 1
         return self._ino
 
@@ -288,6 +314,7 @@ class Tree:
         return node
 
     def lookup(self, parent: Node, name: str) -> Node:
+        """The child name of parent; ENOENT or ENOTDIR as debugfs."""
         if not parent.is_dir():
             raise KernelError(errno.ENOTDIR)
         # Children change only with kho_out's blob list: index each directory per generation.
@@ -308,6 +335,7 @@ class Tree:
         return sorted(d.children(), key=lambda n: n.seq, reverse=True)
 
     def resolve(self, path: str) -> Node:
+        """The node at a path below the root."""
         node = self.root
         for part in [p for p in path.split("/") if p]:
             node = self.lookup(node, part)

@@ -26,6 +26,7 @@ CACHE_MODES = ("direct", "page")
 
 
 def log(text: str) -> None:
+    """One line to the daemon's log (its stderr)."""
     print(text, file=sys.stderr, flush=True)
 
 
@@ -82,6 +83,7 @@ def request(opcode: str, nodeid=None):
 
 
 def refuse(opcode: str, err: int):
+    """A handler that answers opcode with err, as debugfs refuses it."""
     @request(opcode)
     def handler(self, *args):
         raise pyfuse3.FUSEError(err)
@@ -130,6 +132,7 @@ class KhoOperations(pyfuse3.Operations):
         self._page_fhs: dict[int, int] = {}   # page-cache handle -> its file
 
     def set_tree(self, tree: Tree) -> None:
+        """Serve another boot's tree (after a kexec)."""
         self.tree = tree
 
     def _fh(self) -> int:
@@ -177,6 +180,7 @@ class KhoOperations(pyfuse3.Operations):
     # -- inodes -------------------------------------------------------------------------
     @request("LOOKUP")
     def lookup(self, parent_inode, name, ctx=None):
+        """FUSE LOOKUP: the entry name in a directory, as simple_lookup finds it."""
         parent = self.tree.get(parent_inode)
         if len(name) > NAME_MAX:
             raise KernelError(errno.ENAMETOOLONG)       # simple_lookup()
@@ -192,11 +196,12 @@ class KhoOperations(pyfuse3.Operations):
 
     @request("GETATTR")
     def getattr(self, inode, ctx=None):
+        """FUSE GETATTR: a node's attributes, removed nodes included."""
         return self._attrs(self.tree.get(inode, removed_ok=True))
 
     @request("SETATTR")
     def setattr(self, inode, attr, fields, fh, ctx):
-        # simple_setattr: mode, owner and times change; a size change succeeds and does nothing.
+        """FUSE SETATTR as simple_setattr: mode, owner, times change; a size change does nothing."""
         node = self.tree.get(inode, removed_ok=True)
         # notify_change() stamps ctime on every attribute change; simple_setattr copies it.
         node.ctime = time.time_ns()
@@ -215,6 +220,7 @@ class KhoOperations(pyfuse3.Operations):
         return self._attrs(node)
 
     async def forget(self, inode_list):
+        """FUSE FORGET: the kernel drops its references to inodes."""
         for ino, nlookup in inode_list:
             self.tree.forget(ino, nlookup)
             if ino not in self.tree.nodes:
@@ -223,6 +229,7 @@ class KhoOperations(pyfuse3.Operations):
 
     @request("STATFS")
     def statfs(self, ctx):
+        """FUSE STATFS: what statfs(2) shows of debugfs."""
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_namemax = NAME_MAX
@@ -230,12 +237,14 @@ class KhoOperations(pyfuse3.Operations):
 
     @request("LISTXATTR")
     def listxattr(self, inode, ctx):
+        """FUSE LISTXATTR: debugfs inodes have no extended attributes."""
         self.tree.get(inode, removed_ok=True)
         return []           # debugfs inodes carry no extended attributes
 
     # -- files --------------------------------------------------------------------------
     @request("OPEN")
     def open(self, inode, flags, ctx):
+        """FUSE OPEN: a handle on a file, direct or page-cached per the cache mode."""
         node = self.tree.get(inode)
         if not isinstance(node, File):
             raise KernelError(errno.EISDIR)
@@ -254,10 +263,12 @@ class KhoOperations(pyfuse3.Operations):
 
     @request("READ", _file_ino)
     def read(self, fh, off, size):
+        """FUSE READ: bytes of the open file at off."""
         return self.handles[fh].read(off, size)
 
     @request("WRITE", _file_ino)
     async def write(self, fh, off, buf):
+        """FUSE WRITE: the write's result, after settling what the state change moved."""
         try:
             return self.handles[fh].write(off, buf)
         finally:
@@ -268,6 +279,7 @@ class KhoOperations(pyfuse3.Operations):
 
     @request("RELEASE", _file_ino)
     def release(self, fh):
+        """FUSE RELEASE: the last close of an open file."""
         self.handles.pop(fh, None)
         ino = self._page_fhs.pop(fh, None)
         if ino is not None:
@@ -290,6 +302,7 @@ class KhoOperations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------------
     @request("OPENDIR")
     def opendir(self, inode, ctx):
+        """FUSE OPENDIR: a handle listing the directory as it is now."""
         node = self.tree.get(inode)
         if not isinstance(node, Dir):
             raise KernelError(errno.ENOTDIR)
@@ -302,6 +315,7 @@ class KhoOperations(pyfuse3.Operations):
 
     @request("READDIRPLUS", _dir_ino)
     def readdir(self, fh, start_id, token):
+        """FUSE READDIR: entries from start_id, as dcache_readdir lists them."""
         handle = self.dir_handles.get(fh)
         if handle is None:
             return
@@ -323,4 +337,5 @@ class KhoOperations(pyfuse3.Operations):
 
     @request("RELEASEDIR", _dir_ino)
     def releasedir(self, fh):
+        """FUSE RELEASEDIR: the directory handle is closed."""
         self.dir_handles.pop(fh, None)

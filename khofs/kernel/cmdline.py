@@ -7,6 +7,7 @@ _QUOTE, _EQUALS = ord('"'), ord("=")
 
 
 def kisspace(c: int) -> bool:
+    """The kernel's isspace() for one byte."""
     return c in KERNEL_SPACE
 
 

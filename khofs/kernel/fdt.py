@@ -23,6 +23,7 @@ class PageFdtSw(libfdt.FdtSw):
         super().__init__(size)
 
     def check_space(self, val):
+        """Out of room is the libfdt error as a KernelError, never a resize."""
         if val < 0:
             raise KernelError(fdt_errno(val), f"libfdt: {libfdt.fdt_strerror(val)}")
         return False
@@ -42,6 +43,7 @@ def u64(v: int) -> bytes:
 
 
 def totalsize(blob) -> int:
+    """The header's totalsize of an FDT blob."""
     return struct.unpack_from(">I", blob, 4)[0]
 
 

@@ -25,6 +25,7 @@ class KexecImage:
 
 @dataclass
 class Handover:
+    """What reaches the next kernel: preserved pages, the FDT, scratch, its boot."""
     cmdline: str
     release: str
     previous_release: str
@@ -37,6 +38,7 @@ class Handover:
     notes: list = field(default_factory=list)      # what khofs reported at kexec
 
     def dumps(self) -> bytes:
+        """The handover as bytes, for the state dir."""
         meta = asdict(self)
         pages = meta.pop("pages")
         head = json.dumps(meta).encode()
@@ -48,6 +50,7 @@ class Handover:
 
     @classmethod
     def loads(cls, data: bytes) -> "Handover":
+        """A handover from dumps() bytes; ValueError if they are not one."""
         if not data.startswith(MAGIC):
             raise ValueError("not a khofs handover file")
         pos = len(MAGIC)

@@ -46,6 +46,7 @@ class Blob:
 
 @dataclass
 class KhoOut:
+    """The outgoing side of KHO: preservations, producers, finalize and abort."""
     mem: PhysMem
     pages: PageAllocator
     kmalloc: Kmalloc
@@ -153,23 +154,27 @@ class KhoOut:
         self._preserve_pages(pfn, nr_pages)
 
     def unpreserve_folio(self, phys: int, order: int) -> None:
+        """kho_unpreserve_folio."""
         self._check_busy()
         self._check_range(phys, PAGE_SIZE << order)
         self.track.unpreserve_blocks(phys >> PAGE_SHIFT, 1, order)
 
     def unpreserve_pages(self, phys: int, size: int) -> None:
+        """kho_unpreserve_pages of [phys, phys + size)."""
         self._check_busy()
         self._check_range(phys, size)
         self.track.unpreserve_pages(phys >> PAGE_SHIFT, size >> PAGE_SHIFT)
 
     # -- producers ----------------------------------------------------------
     def register_notifier(self, producer: Producer, first: bool = False) -> None:
+        """register_kho_notifier: a producer asked at finalize and abort."""
         if first:
             self.producers.insert(0, producer)
         else:
             self.producers.append(producer)
 
     def unregister_notifier(self, producer: Producer) -> None:
+        """unregister_kho_notifier."""
         self.producers.remove(producer)
 
     def _debugfs_add(self, dirname: str, name: str, phys: int, size: int | None = None) -> None:
@@ -285,6 +290,7 @@ class KhoOut:
             p.abort(self)
 
     def finalize(self) -> None:
+        """kho_finalize: serialize the map and the producers' subtrees."""
         try:
             self._finalize()
         except KernelError as e:
@@ -296,6 +302,7 @@ class KhoOut:
             raise
 
     def abort(self) -> None:
+        """kho_abort: undo a finalize."""
         try:
             self._abort()
         except KernelError as e:
@@ -330,7 +337,9 @@ class KhoOut:
 
     # -- views ----------------------------------------------------------------
     def blobs(self, dirname: str):
+        """The debugfs blobs of one directory ("out" or "sub_fdts")."""
         return [b for d, b in self.fdt_list if d == dirname]
 
     def root_fdt(self) -> bytes:
+        """The root FDT's bytes as its page holds them now."""
         return self.mem.read(self.fdt_page, totalsize(self.mem.read(self.fdt_page, 8)))

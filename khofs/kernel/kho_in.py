@@ -18,6 +18,7 @@ DEFAULT = PROFILES["6.18"]
 
 @dataclass
 class KhoIn:
+    """The incoming side of KHO: the handed-over FDT, scratch and what it says."""
     fdt_phys: int
     scratch_phys: int
     scratch: list

@@ -81,6 +81,7 @@ def kstrtoull(s: bytes, base: int = 0) -> int:
 
 
 def kstrtouint(s: bytes, base: int = 0) -> int:
+    """kstrtouint: kstrtoull that must fit in 32 bits (ERANGE otherwise)."""
     val = kstrtoull(s, base)
     if val > 0xFFFFFFFF:
         raise KernelError(errno.ERANGE, "value does not fit in 32 bits")

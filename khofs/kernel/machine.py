@@ -27,6 +27,7 @@ KERNEL_LOAD_ADDR = 16 * SZ_1M     # x86 LOAD_PHYSICAL_ADDR: where boot reservati
 
 @dataclass
 class MachineConfig:
+    """The emulated hardware and KHO profile of a boot."""
     memory: int = 4 << 30
     nodes: int = 1
     boot_reserved: int = 64 << 20
@@ -36,11 +37,13 @@ class MachineConfig:
 
 @dataclass
 class LogLine:
+    """One kernel log line with its level."""
     level: str        # "err", "warn", "notice", "info"
     text: str
 
 
 class Machine:
+    """One boot of the emulated machine."""
     def __init__(self, cmdline: str = "kho=on", config: MachineConfig | None = None,
                  handover: Handover | None = None, release: str | None = None):
         self.config = config = config or MachineConfig()
@@ -136,19 +139,24 @@ class Machine:
 
     # -- logging ------------------------------------------------------------
     def info(self, text: str) -> None:
+        """Log a line at info level."""
         self.dmesg.append(LogLine("info", text))
 
     def warn(self, text: str) -> None:
+        """Log a line at warning level."""
         self.dmesg.append(LogLine("warn", text))
 
     def info_or_warn(self, text: str) -> None:
+        """Log a KHO line at the level the kernel prints it."""
         info = "found kexec handover" in text or text.startswith("KHO: exec from:")
         (self.info if info else self.warn)(text)
 
     def log_line(self, text: str) -> None:
+        """Log a line, as a warning if it reports a failure."""
         (self.warn if "Failed" in text else self.info)(text)
 
     def warnings(self):
+        """The warning and error lines of this boot's log."""
         return [line for line in self.dmesg if line.level in ("warn", "err")]
 
     # -- parameters -----------------------------------------------------------
@@ -286,9 +294,11 @@ class Machine:
 
     # -- what debugfs shows ------------------------------------------------------
     def scratch_phys_text(self) -> bytes:
+        """out/scratch_phys's text."""
         return self._scratch_texts()[0]
 
     def scratch_len_text(self) -> bytes:
+        """out/scratch_len's text."""
         return self._scratch_texts()[1]
 
     def _scratch_texts(self) -> tuple[bytes, bytes]:
@@ -309,6 +319,7 @@ class Machine:
         return kexec.kexec_exec(self)
 
     def status(self) -> dict:
+        """This boot's state, as `khofs status --json` shows it."""
         out = self.kho_out
         return {
             "release": self.release,

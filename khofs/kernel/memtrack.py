@@ -109,14 +109,17 @@ class MemTracker:
             pos += hi - lo
 
     def preserve_blocks(self, pfn: int, count: int, order: int) -> None:
+        """Mark count order-`order` blocks from pfn preserved."""
         if pfn % (1 << order):
             raise KernelError(errno.EINVAL, f"pfn {pfn:#x} is not aligned to order {order}")
         self.set_range(pfn >> order, count, order)
 
     def unpreserve_blocks(self, pfn: int, count: int, order: int) -> None:
+        """Clear count order-`order` blocks from pfn."""
         self.clear_range(pfn >> order, count, order)
 
     def preserve_pages(self, pfn: int, nr_pages: int) -> None:
+        """Preserve a page range as the largest aligned blocks; all or nothing."""
         done = []
         try:
             for p, order in split_orders(pfn, pfn + nr_pages):
@@ -128,6 +131,7 @@ class MemTracker:
             raise
 
     def unpreserve_pages(self, pfn: int, nr_pages: int) -> None:
+        """Unpreserve a page range split as preserve_pages split it."""
         for p, order in split_orders(pfn, pfn + nr_pages):
             self.unpreserve_blocks(p, 1, order)
 
@@ -139,6 +143,7 @@ class MemTracker:
         self.orders = {}
 
     def preserved_bytes(self) -> int:
+        """Bytes marked preserved, all orders."""
         total = 0
         for order, physxa in self.orders.items():
             n = sum(int.from_bytes(self._bitmap(b), "little").bit_count() for b in physxa.values())
@@ -146,6 +151,7 @@ class MemTracker:
         return total
 
     def is_preserved(self, phys: int, order: int) -> bool:
+        """Whether the order-`order` block at phys is preserved."""
         blk = phys >> (PAGE_SHIFT + order)
         bphys = self.orders.get(order, {}).get(blk // self.bits)
         if bphys is None:

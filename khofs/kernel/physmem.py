@@ -23,10 +23,12 @@ MEMBLOCK_ALLOC_ANYWHERE = (1 << 64) - 1
 
 
 def round_up(x: int, a: int) -> int:
+    """x rounded up to a multiple of a."""
     return (x + a - 1) // a * a
 
 
 def round_down(x: int, a: int) -> int:
+    """x rounded down to a multiple of a."""
     return x // a * a
 
 
@@ -46,6 +48,7 @@ class RangeSet:
         return len(self.starts)
 
     def add(self, start: int, end: int) -> None:
+        """Add [start, end), merging with its neighbours."""
         if end <= start:
             return
         i = bisect.bisect_left(self.ends, start)
@@ -57,6 +60,7 @@ class RangeSet:
         self.ends[i:j] = [end]
 
     def remove(self, start: int, end: int) -> None:
+        """Remove [start, end), splitting ranges it cuts."""
         if end <= start:
             return
         i = bisect.bisect_right(self.ends, start)
@@ -74,14 +78,17 @@ class RangeSet:
         self.ends[i:j] = new_e
 
     def overlaps(self, start: int, end: int) -> bool:
+        """Whether any of [start, end) is in the set."""
         i = bisect.bisect_right(self.ends, start)
         return i < len(self.starts) and self.starts[i] < end
 
     def contains(self, start: int, end: int) -> bool:
+        """Whether all of [start, end) is in one range of the set."""
         i = bisect.bisect_right(self.starts, start) - 1
         return i >= 0 and self.ends[i] >= end
 
     def total(self) -> int:
+        """Bytes in the set."""
         return sum(e - s for s, e in self)
 
 
@@ -99,16 +106,19 @@ class PhysMem:
         self.pages: dict[int, bytearray] = {}
 
     def node_of(self, phys: int) -> int:
+        """The NUMA node holding phys."""
         for nid, (s, e) in enumerate(self.nodes):
             if s <= phys < e:
                 return nid
         return NUMA_NO_NODE
 
     def check_range(self, phys: int, size: int) -> None:
+        """EFAULT unless [phys, phys + size) is inside memory."""
         if phys < 0 or size < 0 or phys + size > self.size:
             raise KernelError(errno.EFAULT, f"[{phys:#x}, {phys + size:#x}) is outside memory (0x0-{self.size:#x})")
 
     def read(self, phys: int, size: int) -> bytes:
+        """size bytes at phys (pages never written read as zeros)."""
         self.check_range(phys, size)
         pfn, off = divmod(phys, PAGE_SIZE)
         if off + size <= PAGE_SIZE:         # within one page: most reads of a blob file
@@ -125,6 +135,7 @@ class PhysMem:
         return bytes(out)
 
     def write(self, phys: int, data) -> None:
+        """Write data at phys."""
         data = memoryview(bytes(data))
         self.check_range(phys, len(data))
         pos = 0
@@ -160,11 +171,13 @@ class Memblock:
         self.kern: list[tuple[int, int]] = []
 
     def reserve(self, base: int, size: int, kern: bool = False) -> None:
+        """memblock_reserve; kern marks the kernel's own reservations."""
         self.reserved.add(base, base + size)
         if kern and size:
             self.kern.append((base, size))
 
     def free(self, base: int, size: int) -> None:
+        """memblock_free."""
         self.reserved.remove(base, base + size)
         self.kern = [(b, s) for b, s in self.kern if not (b >= base and b + s <= base + size)]
 
@@ -220,6 +233,7 @@ class Memblock:
         return found
 
     def phys_alloc(self, size: int, align: int) -> int:
+        """memblock_phys_alloc: size bytes at align, anywhere."""
         return self.alloc_range_nid(size, align, 0, MEMBLOCK_ALLOC_ANYWHERE)
 
     def reserved_kern_size(self, limit: int, nid: int) -> int:
@@ -249,6 +263,7 @@ class PageAllocator:
             self.used.add(s, e)
 
     def alloc_pages(self, order: int = 0) -> int:
+        """alloc_pages: 2**order pages, aligned to their size."""
         return self.alloc_range(1 << order, PAGE_SIZE << order)
 
     def alloc_range(self, nr_pages: int, align: int = PAGE_SIZE) -> int:
@@ -273,9 +288,11 @@ class PageAllocator:
             i -= 1
 
     def free_pages(self, phys: int, order: int = 0) -> None:
+        """free_pages of an alloc_pages block."""
         self.free_range(phys, 1 << order)
 
     def free_range(self, phys: int, nr_pages: int) -> None:
+        """Free nr_pages pages at phys; their contents are gone."""
         size = nr_pages * PAGE_SIZE
         self.used.remove(phys, phys + size)
         self.mem.clear(phys, size)
@@ -290,6 +307,7 @@ class Kmalloc:
         self.obj_size: dict[int, int] = {}
 
     def kzalloc(self, size: int) -> int:
+        """kzalloc: zeroed memory, from pages for a page or more."""
         if size >= PAGE_SIZE:
             order = max(0, (size - 1).bit_length() - PAGE_SHIFT)
             phys = self.pages.alloc_pages(order)
@@ -306,6 +324,7 @@ class Kmalloc:
         return phys
 
     def kfree(self, phys: int) -> None:
+        """kfree of a kzalloc address."""
         size = self.obj_size.pop(phys)
         if size >= PAGE_SIZE:
             self.pages.free_pages(phys, size.bit_length() - 1 - PAGE_SHIFT)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Profile:
+    """What differs between kernel releases' KHO."""
     name: str
     release: str                 # default uname -r of the emulated kernel
     preserve_bits: int           # bits per tracker bitmap (PRESERVE_BITS); radix leaves: 32768
@@ -21,6 +22,7 @@ class Profile:
 
     @property
     def found_line(self) -> str:
+        """The boot line a handover produces in this release."""
         if self.fdt_at_boot:
             return "KHO: found kexec handover data."
         return "KHO: found kexec handover data. Will skip init for some devices"
@@ -31,6 +33,7 @@ class Profile:
 
     @property
     def map_error_line(self) -> str:
+        """The boot line for a memory map the kernel cannot read."""
         if self.radix:
             return "KHO: failed to get preserved memory map"
         return "KHO: failed to get preserved memory bitmaps"
@@ -48,6 +51,7 @@ DEFAULT_PROFILE = "6.18"
 
 
 def get_profile(name: str) -> Profile:
+    """The profile named name; ValueError naming the known ones otherwise."""
     try:
         return PROFILES[name]
     except KeyError:

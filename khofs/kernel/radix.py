@@ -20,6 +20,7 @@ TABLE = struct.Struct(f"<{1 << KHO_TABLE_SIZE_LOG2}Q")
 
 
 def encode_key(phys: int, order: int) -> int:
+    """The radix key of an order-`order` block at phys."""
     return (1 << (KHO_ORDER_0_LOG2 - order)) | (phys >> (PAGE_SHIFT + order))
 
 
@@ -30,6 +31,7 @@ def decode_key(key: int) -> tuple[int, int]:
 
 
 def table_index(key: int, level: int) -> int:
+    """The index of key in a table at level."""
     return (key >> ((level - 1) * KHO_TABLE_SIZE_LOG2 + KHO_BITMAP_SIZE_LOG2)) % 512
 
 
@@ -90,12 +92,15 @@ class RadixTracker:
             key += hi - lo
 
     def preserve_blocks(self, pfn: int, count: int, order: int) -> None:
+        """Mark count order-`order` blocks from pfn preserved."""
         self._keys(pfn >> order, count, order, True)
 
     def unpreserve_blocks(self, pfn: int, count: int, order: int) -> None:
+        """Clear count order-`order` blocks from pfn."""
         self._keys(pfn >> order, count, order, False)
 
     def preserve_pages(self, pfn: int, nr_pages: int, node_of=None) -> None:
+        """Preserve a page range as the largest aligned blocks within one node; all or nothing."""
         done = []
         p, end = pfn, pfn + nr_pages
         try:
@@ -114,19 +119,23 @@ class RadixTracker:
             raise
 
     def unpreserve_pages(self, pfn: int, nr_pages: int) -> None:
+        """Unpreserve a page range split as preserve_pages split it."""
         for p, order in split_orders(pfn, pfn + nr_pages):
             self.unpreserve_blocks(p, 1, order)
 
     def destroy(self) -> None:
+        """Free every table and leaf and clear the root."""
         for phys in list(self.leaves.values()) + list(self._nodes.values()):
             self.kmalloc.kfree(phys)
         self.leaves, self._nodes = {}, {}
         self.mem.write(self.root, bytes(PAGE_SIZE))
 
     def preserved_bytes(self) -> int:
+        """Bytes marked preserved, all orders."""
         return sum(size for _, _, size in walk_leaves(self.mem, self.leaves.items()))
 
     def is_preserved(self, phys: int, order: int) -> bool:
+        """Whether the order-`order` block at phys is preserved."""
         prefix, bit = divmod(encode_key(phys, order), LEAF_BITS)
         leaf = self.leaves.get(prefix)
         return leaf is not None and bool(self._bitmap(leaf)[bit >> 3] & (1 << (bit & 7)))
@@ -137,6 +146,7 @@ class RadixTracker:
 
     @property
     def orders(self):
+        """The leaves, where the bitmap tracker has its per-order bitmaps."""
         return self.leaves
 
 

@@ -20,6 +20,7 @@ def kround_up(x: int, a: int) -> int:
 
 @dataclass
 class ScratchConfig:
+    """kho_scratch= as parsed: a scale or explicit sizes."""
     scale: int = 200            # percent; 0 = explicit sizes
     lowmem: int = 0
     global_: int = 0
@@ -111,10 +112,12 @@ def reserve_scratch(memblock: Memblock, cfg: ScratchConfig):
 
 
 def encode_scratch(regions) -> bytes:
+    """The kho_scratch array the next kernel reads: (addr, size) u64 pairs."""
     return b"".join(KHO_SCRATCH.pack(a, s) for a, s in regions)
 
 
 def decode_scratch(data: bytes):
+    """The (addr, size) pairs of a kho_scratch array."""
     return [KHO_SCRATCH.unpack_from(data, i) for i in range(0, len(data) - len(data) % 16, 16)]
 
 

@@ -19,6 +19,7 @@ RESERVE_MEM_KHO_NODE_COMPATIBLE = "reserve-mem-v1"
 
 @dataclass
 class ReserveMem:
+    """One reserve_mem= region."""
     name: str
     start: int
     size: int
@@ -92,6 +93,7 @@ class MemblockProducer(Producer):
             kho.preserve_pfns(r.start >> PAGE_SHIFT, r.size >> PAGE_SHIFT)
 
     def finalize(self, kho: KhoOut) -> None:
+        """Preserve each reserve_mem region and add the memblock subtree."""
         # The kernel ORs the errors of these calls together.
         err = 0
         for r in self.table:

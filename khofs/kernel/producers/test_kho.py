@@ -39,6 +39,7 @@ def csum_partial(data: bytes) -> int:
 
 
 class TestKho(Producer):
+    """The KHO test module (lib/test_kho.c): random folios and their subtree."""
     name = KHO_TEST_FDT
 
     def __init__(self, kho: KhoOut, seed: int | None = None, max_mem: int = MAX_MEM):
@@ -87,6 +88,7 @@ class TestKho(Producer):
         kho.add_subtree(KHO_TEST_FDT, self.fdt_phys, totalsize(kho.mem.read(self.fdt_phys, 8)))
 
     def finalize(self, kho: KhoOut) -> None:
+        """Preserve the test FDT and folios and add the kho_test subtree."""
         try:
             kho.preserve_folio(self.fdt_phys, self.fdt_order)
             kho.add_subtree(KHO_TEST_FDT, self.fdt_phys)

@@ -40,17 +40,20 @@ class UserSubtree(Producer):
         self.added = True
 
     def unregister(self, kho: KhoOut) -> None:
+        """Remove the subtree and give back its preservation."""
         kho.remove_subtree(self.phys)
         if self.preserve:
             kho.unpreserve_folio(self.phys, self.order)
 
     def finalize(self, kho: KhoOut) -> None:
+        """Write the blob into its pages and add it as a subtree."""
         kho.mem.write(self.phys, self.blob)
         if self.preserve:
             kho.preserve_folio(self.phys, self.order)
         kho.add_subtree(self.name, self.phys)
 
     def release(self, kho: KhoOut) -> None:
+        """Free the blob's pages."""
         kho.pages.free_pages(self.phys, self.order)
 
 
@@ -71,9 +74,11 @@ class FailNext(Producer):
             raise KernelError(self.err, f"injected {op} failure")
 
     def finalize(self, kho):
+        """Fail this finalize if a failure was asked for."""
         self._fire(kho, "finalize")
 
     def abort(self, kho):
+        """Fail this abort if a failure was asked for."""
         self._fire(kho, "abort")
 
 
