@@ -65,7 +65,35 @@ def split_orders(pfn: int, end_pfn: int):
         pfn += 1 << order
 
 
-class MemTracker:
+class PageRanges:
+    """Page ranges over a tracker's preserve_blocks/unpreserve_blocks, both map formats."""
+
+    def preserve_pages(self, pfn: int, nr_pages: int, node_of=None) -> None:
+        """Preserve a page range as the largest aligned blocks (with node_of, within one
+        NUMA node, as 7.1 does); all or nothing."""
+        done = []
+        p, end = pfn, pfn + nr_pages
+        try:
+            while p < end:
+                _, order = next(split_orders(p, end))
+                while node_of and order and node_of(p << PAGE_SHIFT) != \
+                        node_of((p + (1 << order) - 1) << PAGE_SHIFT):
+                    order -= 1
+                self.preserve_blocks(p, 1, order)
+                done.append((p, order))
+                p += 1 << order
+        except Exception:
+            for p, order in done:
+                self.unpreserve_blocks(p, 1, order)
+            raise
+
+    def unpreserve_pages(self, pfn: int, nr_pages: int) -> None:
+        """Unpreserve a page range split as preserve_pages split it."""
+        for p, order in split_orders(pfn, pfn + nr_pages):
+            self.unpreserve_blocks(p, 1, order)
+
+
+class MemTracker(PageRanges):
     """kho_mem_track: order -> {bitmap index -> phys of a bitmap of `bits` bits}."""
 
     def __init__(self, mem: PhysMem, kmalloc: Kmalloc, bits: int):
@@ -117,23 +145,6 @@ class MemTracker:
     def unpreserve_blocks(self, pfn: int, count: int, order: int) -> None:
         """Clear count order-`order` blocks from pfn."""
         self.clear_range(pfn >> order, count, order)
-
-    def preserve_pages(self, pfn: int, nr_pages: int) -> None:
-        """Preserve a page range as the largest aligned blocks; all or nothing."""
-        done = []
-        try:
-            for p, order in split_orders(pfn, pfn + nr_pages):
-                self.preserve_blocks(p, 1, order)
-                done.append((p, order))
-        except KernelError:
-            for p, order in done:
-                self.unpreserve_blocks(p, 1, order)
-            raise
-
-    def unpreserve_pages(self, pfn: int, nr_pages: int) -> None:
-        """Unpreserve a page range split as preserve_pages split it."""
-        for p, order in split_orders(pfn, pfn + nr_pages):
-            self.unpreserve_blocks(p, 1, order)
 
     def destroy(self) -> None:
         """Free every bitmap and forget all preservations (kho_abort's first half)."""
@@ -200,8 +211,13 @@ def walk_memory_map(mem: PhysMem, first: int, bits: int):
 
     Consecutive set bits (also across bitmaps) become one run of blocks of one order.
     """
+    yield from merge_runs(_walk_bitmaps(mem, first, bits))
+
+
+def merge_runs(runs):
+    """(order, phys, size) runs with each run of one order that continues the last merged in."""
     pending = None
-    for run in _walk_bitmaps(mem, first, bits):
+    for run in runs:
         if pending and pending[0] == run[0] and pending[1] + pending[2] == run[1]:
             pending = (pending[0], pending[1], pending[2] + run[2])
             continue

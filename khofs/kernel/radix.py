@@ -8,7 +8,7 @@ ranges become bitmap slices: nothing is per page.
 
 import struct
 
-from .memtrack import MapError, _set_bits, bitmap_runs, split_orders
+from .memtrack import MapError, PageRanges, _set_bits, bitmap_runs, merge_runs
 from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, PhysMem
 
 KHO_ORDER_0_LOG2 = 64 - PAGE_SHIFT                     # 52
@@ -35,7 +35,7 @@ def table_index(key: int, level: int) -> int:
     return (key >> ((level - 1) * KHO_TABLE_SIZE_LOG2 + KHO_BITMAP_SIZE_LOG2)) % 512
 
 
-class RadixTracker:
+class RadixTracker(PageRanges):
     """kho_radix_tree: the root from kzalloc, nodes and leaves from get_zeroed_page."""
 
     bits = LEAF_BITS
@@ -98,30 +98,6 @@ class RadixTracker:
     def unpreserve_blocks(self, pfn: int, count: int, order: int) -> None:
         """Clear count order-`order` blocks from pfn."""
         self._keys(pfn >> order, count, order, False)
-
-    def preserve_pages(self, pfn: int, nr_pages: int, node_of=None) -> None:
-        """Preserve a page range as the largest aligned blocks within one node; all or nothing."""
-        done = []
-        p, end = pfn, pfn + nr_pages
-        try:
-            while p < end:
-                _, order = next(split_orders(p, end))
-                # 7.1: a block never spans two NUMA nodes.
-                while node_of and order and node_of(p << PAGE_SHIFT) != \
-                        node_of((p + (1 << order) - 1) << PAGE_SHIFT):
-                    order -= 1
-                self.preserve_blocks(p, 1, order)
-                done.append((p, order))
-                p += 1 << order
-        except Exception:
-            for p, order in done:
-                self.unpreserve_blocks(p, 1, order)
-            raise
-
-    def unpreserve_pages(self, pfn: int, nr_pages: int) -> None:
-        """Unpreserve a page range split as preserve_pages split it."""
-        for p, order in split_orders(pfn, pfn + nr_pages):
-            self.unpreserve_blocks(p, 1, order)
 
     def destroy(self) -> None:
         """Free every table and leaf and clear the root."""
@@ -202,13 +178,4 @@ def tree_leaves(mem: PhysMem, root: int, seen: set | None = None) -> list[tuple[
 
 def walk_radix_map(mem: PhysMem, root: int):
     """kho_mem_retrieve: (order, phys, size) runs; consecutive blocks of one order merge."""
-    pending = None
-    for run in walk_leaves(mem, tree_leaves(mem, root)):
-        if pending and pending[0] == run[0] and pending[1] + pending[2] == run[1]:
-            pending = (pending[0], pending[1], pending[2] + run[2])
-            continue
-        if pending:
-            yield pending
-        pending = run
-    if pending:
-        yield pending
+    yield from merge_runs(walk_leaves(mem, tree_leaves(mem, root)))

@@ -1,5 +1,5 @@
 """The layout keeps its promises: what each folder may import, who knows trio and pyfuse3, who
-prints for a user, and how long a module may grow."""
+prints for a user, how long a module may grow, and that every public function is described."""
 
 import ast
 from pathlib import Path
@@ -110,3 +110,19 @@ def test_the_rules_see_real_imports():
     assert "khofs.fs.debugfs" in set(imports(ROOT / "daemon" / "serve.py"))
     assert "khofs.runtime" in set(imports(ROOT / "daemon" / "serve.py"))
     assert "trio" in set(imports(ROOT / "fs" / "fuse.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_public_function_says_what_it_does(path):
+    missing = []
+
+    def visit(node, prefix):
+        for ch in ast.iter_child_nodes(node):
+            if isinstance(ch, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                    and not ch.name.startswith("_"):
+                if not ast.get_docstring(ch):
+                    missing.append(prefix + ch.name)
+                if isinstance(ch, ast.ClassDef):
+                    visit(ch, prefix + ch.name + ".")
+    visit(ast.parse(path.read_text()), "")
+    assert missing == [], f"{path.relative_to(ROOT)}: no docstring: {missing}"
