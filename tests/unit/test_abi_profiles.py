@@ -459,3 +459,25 @@ def test_71_preserve_pages_keeps_each_block_on_one_numa_node():
     m7 = Machine("kho=on", MachineConfig(memory=3 * G, nodes=3, abi="7.0"))
     m7.kho_out.preserve_pages(0, 2 * G)
     assert m7.kho_out.track.is_preserved(0, 19)
+
+
+def test_71_missing_map_property_says_so_and_disables_revival():
+    m = boot("7.1", "kho=on")
+    f = libfdt.Fdt(bytearray(page_fdt(m)))
+    f.delprop(0, "preserved-memory-map")
+    m.mem.write(m.kho_out.fdt_page, bytes(f.as_bytearray()))
+    n = kexec(m)
+    assert texts(n) == ["KHO: failed to get preserved memory map", "KHO: disabling KHO revival"]
+    assert n.kho_in is None
+
+
+def test_71_release_of_64_characters_fills_the_metadata_and_65_is_refused():
+    import argparse
+    from khofs.cli.common import release_arg
+    m = boot("7.1", "kho=on", release="r" * 64)
+    md = next(b for b in m.kho_out.blobs("sub_fdts") if b.name == "kexec-metadata")
+    assert m.mem.read(md.phys + 4, 65) == b"r" * 64 + b"\0"
+    assert f"KHO: exec from: {'r' * 64} (count 1)" in texts(kexec(m))
+    assert release_arg("r" * 64) == "r" * 64
+    with pytest.raises(argparse.ArgumentTypeError):
+        release_arg("r" * 65)
