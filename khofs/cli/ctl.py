@@ -7,8 +7,15 @@ from .common import (EXIT_FAIL, EXIT_OK, PHYS_HELP, SIZE_HELP, client, err, errn
                      print_result, size_arg)
 
 
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _load_blob(path: str) -> bytes:
-    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    data = _read_input(path)
     if data[:4] == b"\xd0\x0d\xfe\xed":
         return data
     from ..devicetree.dts import DtsError, dts_to_dtb
@@ -43,7 +50,7 @@ def _ctl(args, c) -> int:
         elif args.mem_action == "free":
             c.call("mem_free", phys=args.phys)
         elif args.mem_action == "write":
-            data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+            data = _read_input(args.file)
             r = c.call("mem_write", phys=args.phys, data=base64.b64encode(data).decode())
             print_result(args, r)
         elif args.mem_action == "read":

@@ -50,27 +50,11 @@ class Dir(Node):
         return 2 + sum(1 for c in self.children() if c.is_dir())
 
 
-class File(Node):
-    """A debugfs file; what it reads and writes is its handle's."""
-    nonseekable = False
-
-    def __init__(self, tree, name, parent, mode):
-        super().__init__(tree, name, stat.S_IFREG | mode, parent)
-
-    def content_size(self) -> int:
-        """The length a read to EOF returns now."""
-        return 0
-
-    def open(self) -> "Handle":
-        """A handle for one open(2) of the file."""
-        return Handle(self)
-
-
 class Handle:
     """One open file; EIO once its file is removed, as debugfs_file_get() fails."""
     __slots__ = ("node",)
 
-    def __init__(self, node: File):
+    def __init__(self, node: "File"):
         self.node = node
 
     def _live(self):
@@ -91,20 +75,21 @@ class Handle:
         raise KernelError(errno.EINVAL, "this file cannot be written")
 
 
-class ShowFile(File):
-    """A seq_file single_open file (scratch_phys, scratch_len)."""
+class File(Node):
+    """A debugfs file; what it reads and writes is its handle's."""
+    handle = Handle
+    nonseekable = False
 
-    def __init__(self, tree, name, parent, mode, text_fn):
-        super().__init__(tree, name, parent, mode)
-        self.text_fn = text_fn
+    def __init__(self, tree, name, parent, mode):
+        super().__init__(tree, name, stat.S_IFREG | mode, parent)
 
     def content_size(self) -> int:
-        """The length of the file's text now."""
-        return len(self.text_fn())
+        """The length a read to EOF returns now."""
+        return 0
 
-    def open(self):
-        """A handle reading the file's text."""
-        return ShowHandle(self)
+    def open(self) -> "Handle":
+        """A handle for one open(2) of the file."""
+        return self.handle(self)
 
 
 class ShowHandle(Handle):
@@ -117,22 +102,17 @@ class ShowHandle(Handle):
         return self.node.text_fn()[off:off + size]
 
 
-class AttrFile(File):
-    """A DEFINE_DEBUGFS_ATTRIBUTE file ("%llu\\n"): simple_attr_read/simple_attr_write."""
+class ShowFile(File):
+    """A seq_file single_open file (scratch_phys, scratch_len)."""
+    handle = ShowHandle
 
-    nonseekable = True
-
-    def __init__(self, tree, name, parent, mode, get, set_):
+    def __init__(self, tree, name, parent, mode, text_fn):
         super().__init__(tree, name, parent, mode)
-        self.get, self.set = get, set_
+        self.text_fn = text_fn
 
     def content_size(self) -> int:
-        """The length of the attribute's value as text."""
-        return len(b"%d\n" % self.get())
-
-    def open(self):
-        """A handle on the simple attribute."""
-        return AttrHandle(self)
+        """The length of the file's text now."""
+        return len(self.text_fn())
 
 
 class AttrHandle(Handle):
@@ -158,20 +138,18 @@ class AttrHandle(Handle):
         return len(data)
 
 
-class BlobFile(File):
-    """debugfs_create_blob: a fixed-size window onto kernel memory, writable in place."""
+class AttrFile(File):
+    """A DEFINE_DEBUGFS_ATTRIBUTE file ("%llu\\n"): simple_attr_read/simple_attr_write."""
+    handle = AttrHandle
+    nonseekable = True
 
-    def __init__(self, tree, name, parent, blob, mem):
-        super().__init__(tree, name, parent, 0o400)
-        self.blob, self.mem = blob, mem
+    def __init__(self, tree, name, parent, mode, get, set_):
+        super().__init__(tree, name, parent, mode)
+        self.get, self.set = get, set_
 
     def content_size(self) -> int:
-        """The blob's size, as debugfs_create_blob fixed it."""
-        return self.blob.size
-
-    def open(self):
-        """A handle on the blob's bytes in memory."""
-        return BlobHandle(self)
+        """The length of the attribute's value as text."""
+        return len(b"%d\n" % self.get())
 
 
 class BlobHandle(Handle):
@@ -195,6 +173,19 @@ class BlobHandle(Handle):
         n = min(len(data), b.size - off)
         self.node.mem.write(b.phys + off, data[:n])
         return n
+
+
+class BlobFile(File):
+    """debugfs_create_blob: a fixed-size window onto kernel memory, writable in place."""
+    handle = BlobHandle
+
+    def __init__(self, tree, name, parent, blob, mem):
+        super().__init__(tree, name, parent, 0o400)
+        self.blob, self.mem = blob, mem
+
+    def content_size(self) -> int:
+        """The blob's size, as debugfs_create_blob fixed it."""
+        return self.blob.size
 
 
 class Tree:

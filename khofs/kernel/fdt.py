@@ -7,7 +7,6 @@ import libfdt
 from .errors import KernelError
 from .physmem import PAGE_SIZE
 
-FDT_MAGIC = 0xD00DFEED
 FDT_HEADER = struct.Struct(">10I")
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from .errors import KernelError
 from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
 from .kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME, \
-    PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, Blob
+    PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP
 from .memtrack import MapError, walk_memory_map
 from .physmem import PAGE_SIZE, PhysMem
 from .profile import PROFILES, Profile
@@ -23,7 +23,6 @@ class KhoIn:
     scratch_phys: int
     scratch: list
     blobs: list = field(default_factory=list)     # in/sub_fdts entries
-    fdt_blob: Blob | None = None
     profile: Profile = DEFAULT
     kexec_count: int = 0                          # 7.1: from the kexec-metadata blob
     previous_release: str | None = None
@@ -152,6 +151,12 @@ def retrieve_subtree(kho_in: "KhoIn | None", mem: PhysMem, name: str, log=None):
                 raise KernelError(errno.EINVAL, f"subtree {name!r} has no valid blob-size")
             return phys, int.from_bytes(bs, "little")
     raise KernelError(errno.ENOENT, f"no subtree {name!r}")
+
+
+def retrieve_subtree_phys(kho_in: "KhoIn | None", mem: PhysMem, name: str, log=None) -> int:
+    """kho_retrieve_subtree for a caller that wants no size: the named sub-blob's phys."""
+    found = retrieve_subtree(kho_in, mem, name, log)
+    return found[0] if isinstance(found, tuple) else found
 
 
 def kexec_metadata_in(kho_in: KhoIn, mem: PhysMem, log) -> None:

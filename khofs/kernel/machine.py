@@ -9,7 +9,7 @@ from .errors import KernelError
 from .fdt import FDT_HEADER, getprop, node_check_compatible, subnodes
 from .handover import Handover, KexecImage
 from .kho import KhoOut
-from .kho_in import (kexec_metadata_in, kho_populate, preserved_runs, retrieve_subtree,
+from .kho_in import (kexec_metadata_in, kho_populate, preserved_runs, retrieve_subtree_phys,
                      sub_fdt_entries)
 from .kstrtox import kstrtobool
 from .memtrack import MapError
@@ -191,9 +191,7 @@ class Machine:
         if self.kho_in is None:
             return None
         try:
-            phys = retrieve_subtree(self.kho_in, self.mem, MEMBLOCK_KHO_FDT, self.warn)
-            if isinstance(phys, tuple):
-                phys = phys[0]
+            phys = retrieve_subtree_phys(self.kho_in, self.mem, MEMBLOCK_KHO_FDT, self.warn)
         except KernelError as e:
             if e.errno != errno.ENOENT:
                 self.warn(f"failed to retrieve FDT '{MEMBLOCK_KHO_FDT}' from KHO: {-e.errno}")
@@ -232,9 +230,7 @@ class Machine:
     def _test_kho_init(self, seed=None) -> None:
         """The test module's init: restore an incoming kho_test, or preserve fresh folios."""
         try:
-            phys = retrieve_subtree(self.kho_in, self.mem, KHO_TEST_FDT, self.warn)
-            if isinstance(phys, tuple):
-                phys = phys[0]
+            phys = retrieve_subtree_phys(self.kho_in, self.mem, KHO_TEST_FDT, self.warn)
         except KernelError as e:
             if e.errno != errno.ENOENT:
                 self.warn(f"{TEST_PREFIX}failed to retrieve {KHO_TEST_FDT} FDT: {-e.errno}")

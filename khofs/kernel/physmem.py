@@ -22,11 +22,6 @@ NUMA_NO_NODE = -1
 MEMBLOCK_ALLOC_ANYWHERE = (1 << 64) - 1
 
 
-def round_up(x: int, a: int) -> int:
-    """x rounded up to a multiple of a."""
-    return (x + a - 1) // a * a
-
-
 def round_down(x: int, a: int) -> int:
     """x rounded down to a multiple of a."""
     return x // a * a

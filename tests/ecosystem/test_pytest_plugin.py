@@ -1,7 +1,5 @@
 """The pytest plugin: the khofs fixture and marker, and cleanup whatever happens."""
 
-import os
-
 import pytest
 
 pytestmark = pytest.mark.fuse

@@ -20,6 +20,8 @@ from khofs.kernel.producers.user import UserSubtree
 from khofs.kernel.radix import (KHO_TREE_MAX_DEPTH, RadixTracker, decode_key, encode_key,
                                 table_index, walk_radix_map)
 
+from abi_cross import CROSS
+
 G = 1 << 30
 CMDLINE = "kho=on reserve_mem=1M:4096:test_resv khofs.test_kho=1"
 PROFILES = ["6.16", "6.18", "7.0", "7.1"]
@@ -388,17 +390,6 @@ def test_1_tib_of_order_0_pages_is_cheap_in_the_radix_tree():
 
 
 # -- kexec from one release into another ---------------------------------------------------------
-# (source, next kernel) -> accepted, memory map read as written. See docs/abi-profiles.md.
-CROSS = {
-    ("6.16", "6.16"): (True, True), ("6.16", "6.18"): (True, False),
-    ("6.16", "7.0"): (True, False), ("6.16", "7.1"): (False, False),
-    ("6.18", "6.16"): (True, False), ("6.18", "6.18"): (True, True),
-    ("6.18", "7.0"): (True, True), ("6.18", "7.1"): (False, False),
-    ("7.0", "6.16"): (True, False), ("7.0", "6.18"): (True, True),
-    ("7.0", "7.0"): (True, True), ("7.0", "7.1"): (False, False),
-    ("7.1", "6.16"): (False, False), ("7.1", "6.18"): (False, False),
-    ("7.1", "7.0"): (False, False), ("7.1", "7.1"): (True, True),
-}
 
 
 @pytest.mark.parametrize("src,dst", list(CROSS), ids=[f"{s}-to-{d}" for s, d in CROSS])

@@ -24,7 +24,6 @@ class UserSubtree(Producer):
         self.name, self.blob, self.preserve = name, bytes(blob), preserve
         self.order = max(0, (len(blob) - 1).bit_length() - PAGE_SHIFT)
         self.phys = kho.pages.alloc_pages(self.order)
-        self.added = False
 
     def register(self, kho: KhoOut) -> None:
         """6.19+: a producer adds its subtree when it registers, not at finalize."""
@@ -37,7 +36,6 @@ class UserSubtree(Producer):
             if self.preserve:
                 kho.unpreserve_folio(self.phys, self.order)
             raise
-        self.added = True
 
     def unregister(self, kho: KhoOut) -> None:
         """Remove the subtree and give back its preservation."""
