@@ -27,11 +27,13 @@ from . import runtime
 class KhofsMount:
     """A mounted khofs: paths into the tree, and the control plane."""
 
-    def __init__(self, mountpoint, cmdline: str = "kho=on", args=(), abi: str | None = None,
-                 release: str | None = None):
+    def __init__(self, mountpoint, cmdline: str | None = "kho=on", args=(),
+                 abi: str | None = None, release: str | None = None, replay=None):
         self.root = Path(os.path.realpath(mountpoint))
-        self.cmdline = cmdline
+        self.cmdline = cmdline          # None: khofs mount's default (with replay, the recorded)
         self.args = list(args)
+        if replay is not None:
+            self.args += ["--replay", str(replay)]
         if abi is not None:
             self.args += ["--abi", abi]
         if release is not None:
@@ -44,8 +46,9 @@ class KhofsMount:
     def start(self) -> "KhofsMount":
         """Mount and wait until it answers."""
         self.root.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "khofs", "mount", str(self.root),
-                            "--cmdline", self.cmdline, *self.args],
+        cmdline = [] if self.cmdline is None else ["--cmdline", self.cmdline]
+        r = subprocess.run([sys.executable, "-m", "khofs", "mount", str(self.root), *cmdline,
+                            *self.args],
                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
         self.mount_stderr = r.stderr
         if r.returncode != 0:
@@ -109,9 +112,10 @@ class KhofsMount:
 
 
 @contextlib.contextmanager
-def mounted(mountpoint, cmdline: str = "kho=on", args=(), abi=None, release=None):
+def mounted(mountpoint, cmdline: str | None = "kho=on", args=(), abi=None, release=None,
+            replay=None):
     """A khofs mount at mountpoint for the with block, then unmounted."""
-    m = KhofsMount(mountpoint, cmdline, args, abi, release)
+    m = KhofsMount(mountpoint, cmdline, args, abi, release, replay)
     try:
         yield m.start()
     finally:
@@ -121,8 +125,9 @@ def mounted(mountpoint, cmdline: str = "kho=on", args=(), abi=None, release=None
 def pytest_configure(config):
     """Register the khofs marker."""
     config.addinivalue_line(
-        "markers", 'khofs(cmdline="kho=on ...", args=[...], abi="7.1", release="..."): the '
-        "kernel command line, extra `khofs mount` arguments, ABI profile and uname -r for the "
+        "markers", 'khofs(cmdline="kho=on ...", args=[...], abi="7.1", release="...", '
+        'replay="SNAPSHOT"): the kernel command line, extra `khofs mount` arguments, ABI '
+        "profile, uname -r, and a snapshot (khofs record) to boot the successor of, for the "
         "khofs fixture")
 
 
@@ -131,6 +136,9 @@ def khofs(request, tmp_path):
     """A khofs mount in a temporary directory, unmounted after the test whatever happens."""
     marker = request.node.get_closest_marker("khofs")
     kwargs = marker.kwargs if marker else {}
-    with mounted(tmp_path / "khofs", kwargs.get("cmdline", "kho=on"), kwargs.get("args", ()),
-                 kwargs.get("abi"), kwargs.get("release")) as m:
+    replay = kwargs.get("replay")
+    # A replay boots with the recorded command line unless the marker names one.
+    cmdline = kwargs.get("cmdline", None if replay else "kho=on")
+    with mounted(tmp_path / "khofs", cmdline, kwargs.get("args", ()), kwargs.get("abi"),
+                 kwargs.get("release"), replay) as m:
         yield m

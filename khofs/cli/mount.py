@@ -21,9 +21,42 @@ def cmd_mount(args) -> int:
     if runtime.find_mount(mnt):
         err(f"{mnt} is already a mount point (khofs umount {args.mountpoint} first)")
         return EXIT_FAIL
+    args.handover = None
+    if args.replay:
+        # Read and check the snapshot before the daemon starts: a bad one is one clear line.
+        from ..devicetree.snapshot import SnapshotError
+        try:
+            args.handover = _replay_handover(args)
+        except (SnapshotError, ValueError) as e:
+            err(str(e))
+            return EXIT_FAIL
+    args.cmdline = args.cmdline if args.cmdline is not None else "kho=on"
+    args.abi = args.abi or DEFAULT_PROFILE
+    args.memory = args.memory or 4 << 30
+    args.nodes = args.nodes if args.nodes is not None else 1
     if args.foreground:
         return _mount_foreground(args, mnt)
     return _mount_background(args, mnt)
+
+
+def _replay_handover(args):
+    """The handover a snapshot's successor boots from; the unset options take the recording's
+    (its command line and ABI, enough memory and nodes for its addresses and scratch areas)."""
+    from ..devicetree.snapshot import load, recording
+    from ..kernel.machine import MachineConfig
+    from ..kernel.replay import extent, replay_handover
+    path = os.path.abspath(args.replay)
+    rec = recording(load(path), path)
+    memory = args.memory
+    if memory is None:
+        memory = rec.memory or 4 << 30
+        while memory < extent(rec):
+            memory <<= 1
+    nodes = args.nodes if args.nodes is not None else rec.nodes or max(1, len(rec.scratch) - 2)
+    cfg = MachineConfig(memory=memory, nodes=nodes,
+                        boot_reserved=args.boot_reserved, abi=args.abi or rec.abi)
+    cmdline = args.cmdline if args.cmdline is not None else rec.cmdline or "kho=on"
+    return replay_handover(rec, cmdline, cfg, args.release)
 
 
 def _boot_host(args):
@@ -33,7 +66,8 @@ def _boot_host(args):
                         abi=args.abi, release=args.release)
     state = os.path.abspath(args.state) if args.state else None
     return Host.boot(args.cmdline, cfg, state, log=lambda text: print(text, file=sys.stderr,
-                                                                       flush=True))
+                                                                       flush=True),
+                     handover=args.handover)
 
 
 def _mount_foreground(args, mnt) -> int:
@@ -66,6 +100,8 @@ def _serve_locked(args, mnt) -> int:
         return EXIT_USAGE
     machine = host.machine
     if fd is not None:
+        for line in replay_lines(machine.replay):
+            report(fd, stderr=f"khofs: replay: {line}")
         for line in machine.warnings():
             report(fd, stderr=f"kernel: {line.text}")
         for why in machine.ignored:
@@ -128,7 +164,7 @@ def _mount_background(args, mnt) -> int:
             sys.stderr.flush()
             os._exit(code)
     os.close(wfd)
-    ok = False
+    ok = said = False
     with os.fdopen(rfd) as r:
         for line in r:
             try:
@@ -139,12 +175,15 @@ def _mount_background(args, mnt) -> int:
                 print(msg["stderr"], file=sys.stderr)
             if "error" in msg:
                 err(msg["error"])
+                said = True
             if msg.get("ready"):
                 ok = True
                 break
     if not ok:
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        err(f"the daemon exited (status {status}) before the mount was ready; log: {log_path}")
+        if not said:        # the daemon's own error line says it all
+            err(f"the daemon exited (status {status}) before the mount was ready; "
+                f"log: {log_path}")
         return EXIT_FAIL
     return EXIT_OK
 
@@ -220,7 +259,20 @@ def cmd_status(args) -> int:
         print(f"scratch[{i}]:       0x{s['addr']:x} + 0x{s['size']:x}")
     for n in st["kexec_notes"]:
         print(f"kexec note:       {n}")
+    for line in replay_lines(st.get("replay")):
+        print(f"replay:           {line}")
     return EXIT_OK
+
+
+def replay_lines(replay) -> list:
+    """What a replayed boot says of its snapshot, a line each."""
+    if not replay:
+        return []
+    rel = replay["recorded_release"] or "an unknown release"
+    return ([f"the successor of {rel} (ABI {replay['recorded_abi']}) recorded in "
+             f"{replay['snapshot']}"] +
+            [f"not in the recording: {n}" for n in replay["not_recorded"]] +
+            [f"ignored: {n}" for n in replay["ignored"]])
 
 
 
@@ -230,19 +282,21 @@ def add_mount(sub) -> None:
                        description="Boot an emulated kernel with the given command line and mount "
                        "its debugfs at MOUNTPOINT. Returns once the mount is ready.")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
-    m.add_argument("--cmdline", default="kho=on",
-                   help='kernel command line (default "kho=on"); kho=, kho_scratch= and '
-                   "reserve_mem= are understood")
-    m.add_argument("--memory", type=size_arg, default=4 << 30, metavar="SIZE",
-                   help="simulated RAM (default 4G)")
-    m.add_argument("--nodes", type=int, default=1, metavar="N",
-                   help="NUMA nodes; memory is split evenly (default 1)")
+    m.add_argument("--cmdline",
+                   help='kernel command line (default "kho=on"; with --replay, the recorded '
+                   "one); kho=, kho_scratch= and reserve_mem= are understood")
+    m.add_argument("--memory", type=size_arg, metavar="SIZE",
+                   help="simulated RAM (default 4G, or with --replay enough for the recorded "
+                   "addresses)")
+    m.add_argument("--nodes", type=int, metavar="N",
+                   help="NUMA nodes; memory is split evenly (default 1; with --replay, one per "
+                   "recorded per-node scratch area)")
     m.add_argument("--boot-reserved", type=size_arg, default=64 << 20, metavar="SIZE",
                    help="memory the kernel reserved for itself at boot, at 16 MiB; drives the "
                    "default scratch scale (default 64M)")
-    m.add_argument("--abi", choices=list(PROFILES), default=DEFAULT_PROFILE,
+    m.add_argument("--abi", choices=list(PROFILES),
                    help="kernel ABI profile: 6.16 (v6.16-v6.17), 6.18, 7.0 (v6.19-v7.0), "
-                   "7.1 (v7.1+) (default 6.18)")
+                   "7.1 (v7.1+) (default 6.18; with --replay, the recorded kernel's)")
     m.add_argument("--release", type=release_arg, metavar="R",
                    help="uname -r of the emulated kernel (default: the profile's, e.g. "
                    "7.1.0-khofs)")
@@ -259,6 +313,9 @@ def add_mount(sub) -> None:
     m.add_argument("--state", metavar="DIR",
                    help="keep each kexec's handover in DIR (created 0700); a mount on a DIR "
                    "that holds one boots from it")
+    m.add_argument("--replay", metavar="SNAPSHOT",
+                   help="boot as the next kernel of the one recorded in SNAPSHOT (khofs "
+                   "record): its out/fdt and sub-blobs become in/, its scratch areas are reused")
     m.add_argument("--foreground", "-f", action="store_true", help="stay attached")
     m.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -3,7 +3,8 @@
 # Options of the mount(8) helper form that are khofs's own; the rest go to FUSE.
 HELPER_KEYS = {"cmdline": "--cmdline", "memory": "--memory", "nodes": "--nodes",
                "boot_reserved": "--boot-reserved", "abi": "--abi", "release": "--release",
-               "stat_size": "--stat-size", "state": "--state", "cache": "--cache"}
+               "stat_size": "--stat-size", "state": "--state", "cache": "--cache",
+               "replay": "--replay"}
 # Generic mount options mount.fuse passes along; FUSE takes them from the mount flags.
 GENERIC_FLAGS = {"rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
                  "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime",

@@ -25,12 +25,17 @@ class Host:
         self.boot_log()
 
     @classmethod
-    def boot(cls, cmdline: str, config: MachineConfig, state_dir: str | None = None, log=None):
-        """Cold boot, or boot from the handover saved in the state dir."""
-        handover = None
+    def boot(cls, cmdline: str, config: MachineConfig, state_dir: str | None = None, log=None,
+             handover: Handover | None = None):
+        """Cold boot, boot from the handover saved in the state dir, or from handover (a
+        replayed snapshot's)."""
         if state_dir:
             prepare_state_dir(state_dir)
-            handover = load_handover(state_dir)
+            saved = load_handover(state_dir)
+            if saved is not None and handover is not None:
+                raise ValueError(f"{state_dir} holds the handover of an earlier kexec: replay "
+                                 "into an empty --state dir")
+            handover = handover or saved
         if handover is not None:
             machine = Machine(handover.cmdline, MachineConfig(**handover.config), handover,
                               release=handover.release)
@@ -44,6 +49,15 @@ class Host:
             self.log(f"kernel: {line.text}")
         for note in self.machine.kexec_notes:
             self.log(f"khofs: kexec: {note}")
+        replay = self.machine.replay
+        if replay:
+            self.log(f"khofs: replay: booted as the successor of "
+                     f"{replay['recorded_release'] or 'an unknown release'} recorded in "
+                     f"{replay['snapshot']}")
+            for note in replay["not_recorded"]:
+                self.log(f"khofs: replay: not in the recording: {note}")
+            for note in replay["ignored"]:
+                self.log(f"khofs: replay: ignored: {note}")
 
     def kexec_load(self, cmdline=None, release=None, abi=None) -> dict:
         """kexec -s -l; what was loaded and whether it carries a handover."""

@@ -1,11 +1,11 @@
 """The physical memory layout of a KHO handover: `khofs map`.
 
-A Layout is collected from a kho/ directory (what debugfs shows: out/scratch_phys,
-out/scratch_len, out/fdt, in/fdt, their sub-FDTs) by from_kho_dir, completed on a khofs
+A Layout is collected from a kho/ tree (what debugfs shows: out/scratch_phys,
+out/scratch_len, out/fdt, in/fdt, their sub-FDTs) by from_tree, completed on a khofs
 mount by the daemon's replies (RAM, reserve_mem regions, the root FDTs' pages, the incoming
 map, and simulated memory to walk out/fdt's map), then rendered as text here or drawn by
-memmap_plot.py. Any source of a kho/ tree (a mount, a copy, a recording) goes through
-from_kho_dir.
+memmap_plot.py. Every source of a kho/ tree (a mount, a copy, a snapshot) is a KhoTree of
+snapshot.py.
 """
 
 import os
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..kernel.profile import get_profile
 from .dump import MemorySource, decode
+from .snapshot import ROOT_FDT, KhoTree
 
 # The bands, top to bottom, and their titles.
 KINDS = ("ram", "scratch", "reserve_mem", "preserved", "fdt")
@@ -80,19 +81,14 @@ def merge_by_order(ranges, side: str) -> list:
     return out
 
 
-def _read(path: str) -> bytes:
+def _lines(tree, path: str) -> list:
+    data = tree.read(path)
+    if data is None:
+        raise MapSourceError(f"cannot read {tree.where(path)}: No such file or directory")
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise MapSourceError(f"cannot read {path}: {e.strerror}") from None
-
-
-def _lines(path: str) -> list:
-    try:
-        return [int(x, 16) for x in _read(path).decode().split()]
+        return [int(x, 16) for x in data.decode().split()]
     except (UnicodeDecodeError, ValueError):
-        raise MapSourceError(f"{path}: not one hex address a line") from None
+        raise MapSourceError(f"{tree.where(path)}: not one hex address a line") from None
 
 
 def kho_dir_of(path: str) -> str:
@@ -104,41 +100,54 @@ def kho_dir_of(path: str) -> str:
     return kho
 
 
-def from_kho_dir(kho: str, status: dict | None = None, layout: dict | None = None,
-                 mem: MemorySource | None = None) -> Layout:
-    """The layout a kho/ directory shows, completed by a daemon's status and memory_layout
-    replies and its memory when given (any copy of a kho/ tree works without them)."""
-    lay = Layout(kho)
-    phys = _lines(os.path.join(kho, "out", "scratch_phys"))
-    lens = _lines(os.path.join(kho, "out", "scratch_len"))
+def from_tree(tree: KhoTree, source: str, status: dict | None = None,
+              layout: dict | None = None, mem: MemorySource | None = None) -> Layout:
+    """The layout a kho/ tree shows, completed by a daemon's status and memory_layout
+    replies and its memory when given (any copy or recording of a kho/ tree works without
+    them)."""
+    lay = Layout(source)
+    phys = _lines(tree, "out/scratch_phys")
+    lens = _lines(tree, "out/scratch_len")
     for i, (a, s) in enumerate(zip(phys, lens)):
         lay.regions.append(Region("scratch", a, s, scratch_kind(i)))
     if status is not None:
         lay.ram_size, lay.abi = status["memory_size"], status["abi"]
+    elif tree.meta.get("memory"):
+        # recorded from a khofs mount: its RAM, split evenly over its nodes as khofs does
+        lay.ram_size, lay.abi = tree.meta["memory"], tree.meta.get("abi")
+        nodes = tree.meta.get("nodes") or 1
+        per = lay.ram_size // nodes
+        lay.regions += [Region("ram", n * per, per, f"node {n}") for n in range(nodes)]
     if layout is not None:
         for nid, n in enumerate(layout["nodes"]):
             lay.regions.append(Region("ram", n["start"], n["end"] - n["start"], f"node {nid}"))
         for r in layout["reserve_mem"]:
             lay.regions.append(Region("reserve_mem", r["start"], r["size"], r["name"]))
     else:
-        lay.notes.append("RAM size, reserve_mem regions not in a handed-over memblock FDT and "
-                         "the root FDTs' addresses need the khofs daemon (not running here)")
+        lay.notes.append("reserve_mem regions not in a handed-over memblock FDT, the root FDTs' "
+                         "addresses" + ("" if lay.ram_size else " and RAM's size") +
+                         " are not in debugfs: only a running khofs daemon can tell them")
     for side in ("out", "in"):
-        _side(lay, kho, side, (layout or {}).get(f"{'in_' if side == 'in' else ''}fdt_phys"),
+        _side(lay, tree, side, (layout or {}).get(f"{'in_' if side == 'in' else ''}fdt_phys"),
               mem if side == "out" else None)
     if layout is not None and layout["incoming"]:
         lay.regions += merge_by_order([(r["order"], r["start"], r["size"])
                                        for r in layout["incoming"]], "in")
-    _notes(lay, kho, status, mem)
+    _notes(lay, tree, status, mem)
     if lay.ram_size is None and lay.regions:
         lay.regions.append(Region("ram", 0, lay.top, "RAM (extent unknown)"))
     return lay
 
 
-def _side(lay: Layout, kho: str, side: str, root_phys, mem) -> None:
-    path = os.path.join(kho, side, "fdt")
-    if os.path.exists(path):
-        blob = _read(path)
+def _side(lay: Layout, tree: KhoTree, side: str, root_phys, mem) -> None:
+    path = f"{side}/fdt"
+    whole = tree.extra.get(ROOT_FDT) if side == "out" else None
+    if whole is not None:
+        blob = whole
+        lay.notes.append("out/fdt: the whole root FDT the recording kept beside the shorter "
+                         "debugfs file")
+    elif tree.read(path) is not None:
+        blob = tree.read(path)
     elif side == "out" and None not in (root_phys, mem, lay.abi) and \
             get_profile(lay.abi).fdt_at_boot:
         # 7.x keeps the root FDT current in its page, but debugfs shows it only after a
@@ -155,12 +164,12 @@ def _side(lay: Layout, kho: str, side: str, root_phys, mem) -> None:
         lay.notes.append(f"{side}/fdt shows {len(blob)} of the FDT's {size} bytes (its size "
                          "was fixed when the file was made); the rest read from memory")
         blob = mem.read(root_phys, size)
-    sub_dir = os.path.join(kho, side, "sub_fdts")
-    subs = {n: _read(os.path.join(sub_dir, n)) for n in sorted(os.listdir(sub_dir))} \
-        if os.path.isdir(sub_dir) else {}
-    d = decode(blob, path, mem, subs)
+    sub_dir = f"{side}/sub_fdts"
+    subs = {n: tree.read(f"{sub_dir}/{n}") for n in tree.listdir(sub_dir)
+            if tree.read(f"{sub_dir}/{n}") is not None}
+    d = decode(blob, tree.where(path), mem, subs)
     if d["root"] is None:
-        raise MapSourceError(f"{path}: {'; '.join(d['problems'])}")
+        raise MapSourceError(f"{tree.where(path)}: {'; '.join(d['problems'])}")
     if root_phys is not None:
         lay.regions.append(Region("fdt", root_phys, len(blob), f"{side}/fdt"))
     for child in d["root"]["children"]:
@@ -188,16 +197,16 @@ def _side(lay: Layout, kho: str, side: str, root_phys, mem) -> None:
                                       side)
 
 
-def _notes(lay: Layout, kho: str, status, mem) -> None:
+def _notes(lay: Layout, tree: KhoTree, status, mem) -> None:
     out_map = sum(r.size for r in lay.regions if r.kind == "preserved" and r.side == "out")
     if status is not None and status["preserved_bytes"] != out_map:
-        shown = "no out/fdt" if not os.path.exists(os.path.join(kho, "out", "fdt")) else \
+        shown = "no out/fdt" if tree.read("out/fdt") is None else \
             f"out/fdt's map holds {fmt_size(out_map)}"
         why = " (the map is written at finalize: echo 1 > kho/out/finalize)" \
-            if os.path.exists(os.path.join(kho, "out", "finalize")) else ""
+            if tree.read("out/finalize") is not None else ""
         lay.notes.append(f"this kernel preserves {fmt_size(status['preserved_bytes'])}; "
                          f"{shown}{why}")
-    if mem is None and os.path.exists(os.path.join(kho, "out", "fdt")):
+    if mem is None and tree.read("out/fdt") is not None:
         lay.notes.append("out/fdt's memory map lives in preserved memory, which only a khofs "
                          "daemon can read: preserved ranges not shown")
 

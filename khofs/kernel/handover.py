@@ -36,6 +36,7 @@ class Handover:
     scratch_len: int = 0
     pages: dict = field(default_factory=dict)      # pfn -> bytes (4 KiB) of surviving pages
     notes: list = field(default_factory=list)      # what khofs reported at kexec
+    replay: dict | None = None     # khofs mount --replay: the snapshot and what it lacks
 
     def dumps(self) -> bytes:
         """The handover as bytes, for the state dir."""

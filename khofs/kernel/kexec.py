@@ -87,7 +87,7 @@ def kexec_exec(machine) -> Handover:
                     "memory: the next kernel finds whatever reused that memory "
                     "(khofs shows it zeroed)")
     # The scratch array goes in a kexec segment placed in scratch, 64 KiB aligned, top-down.
-    seg = _place_segment(machine, len(image.scratch_bytes))
+    seg = place_segment(machine.scratch, len(image.scratch_bytes))
     ho.scratch_phys, ho.scratch_len = seg, len(image.scratch_bytes)
     for pfn in list(machine.mem.pages):
         phys = pfn << PAGE_SHIFT
@@ -130,8 +130,9 @@ def _keep_map_pages(machine, fdt: bytes, keep: RangeSet) -> None:
         pass            # the next kernel cannot read on from here either
 
 
-def _place_segment(machine, size: int) -> int:
-    for addr, ssize in machine.scratch:
+def place_segment(scratch, size: int) -> int:
+    """Where kexec puts a segment of size bytes: the top of the first scratch area it fits."""
+    for addr, ssize in scratch:
         top = addr + ssize - size
         cand = top - top % KEXEC_SEGMENT_ALIGN
         if ssize >= size and cand >= addr:

@@ -57,6 +57,8 @@ class Machine:
         self.ignored: list[str] = []
         # What khofs saw at the kexec that brought up this boot (e.g. unpreserved sub-FDTs).
         self.kexec_notes: list[str] = list(handover.notes) if handover else []
+        # khofs mount --replay: the snapshot this boot's handover came from, what it lacked.
+        self.replay = handover.replay if handover else None
         self.image: KexecImage | None = None
         self.mem = PhysMem(config.memory, config.nodes)
         self.memblock = Memblock(self.mem)
@@ -339,6 +341,7 @@ class Machine:
             "incoming_preserved_bytes": self.preserved.total(),
             "image_loaded": self.image is not None,
             "kexec_notes": self.kexec_notes,
+            "replay": self.replay,
         }
 
     def memory_layout(self) -> dict:

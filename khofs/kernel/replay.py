@@ -1,0 +1,224 @@
+"""A recorded kernel's handover made into what its successor receives (khofs mount --replay).
+
+debugfs shows the root FDT, the sub-blobs and the scratch areas, but not where the root FDT
+lives, what preserved memory holds, nor the memory map's chunks (or radix tree). So the
+successor gets the recorded blobs at their recorded addresses, the root FDT at a free page,
+the recorded scratch areas, and a memory map written at the recorded `preserved-memory-map`
+address, in the recorded kernel's format, that preserves only what the recording shows:
+the root FDT page, the sub-blobs and the reserve_mem regions named in the memblock FDT.
+Everything else the recorded kernel preserved reads as zeros.
+"""
+
+import libfdt
+from dataclasses import asdict, dataclass, field
+
+from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
+from .handover import Handover
+from .kexec import place_segment
+from .kho import PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT
+from .memtrack import MemTracker
+from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, Memblock, PageAllocator, PhysMem
+from .producers.memblock import MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE
+from .profile import get_profile
+from .radix import RadixTracker
+from .scratch import encode_scratch
+
+PROP_PRESERVED_DATA = "preserved-data"
+
+
+class RecordingError(ValueError):
+    """A recorded tree that no kernel could have handed over; the message names the file."""
+
+
+@dataclass
+class Recording:
+    """A recorded kho/ tree's outgoing side, as khofs record kept it."""
+    fdt: bytes                       # out/fdt, whole
+    blobs: dict                      # name -> bytes of out/sub_fdts/NAME
+    scratch: list                    # [(addr, size)] of out/scratch_phys + scratch_len
+    abi: str                         # the recorded kernel's ABI profile
+    release: str | None = None       # its uname -r, when recorded from a running system
+    cmdline: str | None = None       # its /proc/cmdline
+    memory: int | None = None        # its RAM and NUMA nodes, when the source told them
+    nodes: int | None = None
+    source: str = ""                 # the snapshot, for the notes
+    notes: list = field(default_factory=list)    # what the snapshot reader left out
+
+
+@dataclass
+class Child:
+    """One root FDT child: where its blob lives and how big it is."""
+    name: str
+    phys: int
+    data: bytes
+
+
+def profile_of_release(release: str) -> str | None:
+    """The ABI profile of a kernel release string (6.17.3 -> 6.16, 7.0.1 -> 7.0), or None."""
+    head = release.split("-")[0].split(".")
+    try:
+        ver = (int(head[0]), int(head[1]))
+    except (IndexError, ValueError):
+        return None
+    if ver < (6, 16):
+        return None
+    if ver < (6, 18):
+        return "6.16"
+    if ver < (6, 19):
+        return "6.18"
+    return "7.0" if ver < (7, 1) else "7.1"
+
+
+def fdt_problem(blob: bytes) -> str | None:
+    """Why blob is not a whole FDT, or None."""
+    err = check_header(blob)
+    if err:
+        return f"not a valid FDT ({libfdt.fdt_strerror(err)})"
+    if totalsize(blob) > len(blob):
+        return f"truncated FDT ({len(blob)} of the {totalsize(blob)} bytes its header says)"
+    return None
+
+
+def children(rec: Recording) -> list:
+    """The handed-over sub-blobs named in out/fdt, checked against out/sub_fdts."""
+    problem = fdt_problem(rec.fdt)
+    if problem:
+        raise RecordingError(f"out/fdt: {problem}")
+    out = []
+    for name, off in subnodes(rec.fdt, 0):
+        v3 = getprop(rec.fdt, off, PROP_PRESERVED_DATA) is not None
+        prop = getprop(rec.fdt, off, PROP_PRESERVED_DATA if v3 else PROP_SUB_FDT)
+        if prop is None or len(prop) != 8:
+            continue            # the successor skips such a node; nothing to place
+        data = rec.blobs.get(name)
+        if data is None:
+            raise RecordingError(f"out/fdt names subtree {name!r} but out/sub_fdts/{name} is "
+                                 "not in the recording")
+        size = getprop(rec.fdt, off, PROP_BLOB_SIZE)
+        if size is not None and len(size) == 8 and int.from_bytes(size, "little") != len(data):
+            raise RecordingError(f"out/sub_fdts/{name}: {len(data)} bytes, but out/fdt's "
+                                 f"blob-size says {int.from_bytes(size, 'little')}")
+        if not v3 and fdt_problem(data):
+            raise RecordingError(f"out/sub_fdts/{name}: {fdt_problem(data)}")
+        out.append(Child(name, int.from_bytes(prop, "little"), data))
+    return out
+
+
+def map_phys(rec: Recording) -> int | None:
+    """The recorded preserved-memory-map address (None if out/fdt has none)."""
+    prop = getprop(rec.fdt, 0, PROP_PRESERVED_MEMORY_MAP)
+    if prop is None or len(prop) != 8:
+        return None
+    phys = int.from_bytes(prop, "little")
+    if phys == 0:
+        raise RecordingError("out/fdt's preserved-memory-map is 0: the recorded kernel hands "
+                             "nothing over until finalized (echo 1 > kho/out/finalize)")
+    if phys % PAGE_SIZE:
+        raise RecordingError(f"out/fdt's preserved-memory-map 0x{phys:x} is not page aligned")
+    return phys
+
+
+def reserve_mem_regions(kids) -> list:
+    """(name, start, size) of each region in a memblock-v1 sub-FDT."""
+    mb = next((c for c in kids if c.name == MEMBLOCK_KHO_FDT), None)
+    if mb is None or node_check_compatible(mb.data, 0, MEMBLOCK_KHO_NODE_COMPATIBLE):
+        return []
+    out = []
+    for name, off in subnodes(mb.data, 0):
+        start, size = getprop(mb.data, off, "start"), getprop(mb.data, off, "size")
+        if start and size and len(start) == 8 and len(size) == 8:
+            out.append((name, int.from_bytes(start, "little"), int.from_bytes(size, "little")))
+    return out
+
+
+def check(rec: Recording) -> None:
+    """RecordingError if the recording could not be handed over as it is."""
+    kids = children(rec)
+    mp = map_phys(rec)
+    placed = [(f"out/sub_fdts/{c.name}", c.phys, len(c.data)) for c in kids]
+    if mp is not None:
+        placed.append(("the memory map (out/fdt's preserved-memory-map)", mp, PAGE_SIZE))
+    for i, (what, phys, size) in enumerate(placed):
+        for other, p2, s2 in placed[:i]:
+            if phys < p2 + s2 and p2 < phys + size:
+                raise RecordingError(f"{what} at 0x{phys:x} overlaps {other} at 0x{p2:x}")
+        for n, (a, s) in enumerate(rec.scratch):
+            if phys < a + s and a < phys + size:
+                raise RecordingError(f"{what} at 0x{phys:x} lies in scratch area {n} "
+                                     f"[0x{a:x}, 0x{a + s:x}), which a kernel never preserves")
+    if not rec.scratch:
+        raise RecordingError("out/scratch_phys and out/scratch_len list no scratch area")
+
+
+def extent(rec: Recording) -> int:
+    """The first address past everything the recording places in memory."""
+    kids = children(rec)
+    ends = [a + s for a, s in rec.scratch] + [c.phys + len(c.data) for c in kids]
+    ends += [s + n for _, s, n in reserve_mem_regions(kids)]
+    mp = map_phys(rec)
+    if mp is not None:
+        ends.append(mp + PAGE_SIZE)
+    return max(ends, default=0)
+
+
+def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -> Handover:
+    """What the recorded kernel's successor receives; config is the next boot's MachineConfig."""
+    check(rec)
+    kids = children(rec)
+    mp = map_phys(rec)
+    regions = reserve_mem_regions(kids)
+    if extent(rec) > config.memory:
+        raise RecordingError(f"the recording reaches 0x{extent(rec):x}: --memory must be at "
+                             f"least that (it is 0x{config.memory:x})")
+    mem = PhysMem(config.memory, config.nodes)
+    memblock = Memblock(mem)
+    for c in kids:
+        memblock.reserve(c.phys - c.phys % PAGE_SIZE, max(len(c.data), 1) + c.phys % PAGE_SIZE)
+    for _, start, size in regions:
+        memblock.reserve(start, size)
+    if mp is not None:
+        memblock.reserve(mp, PAGE_SIZE)
+    pages = PageAllocator(mem, memblock, rec.scratch)
+    kmalloc = Kmalloc(pages)
+    root = pages.alloc_pages(0)
+    mem.write(root, rec.fdt)
+    for c in kids:
+        mem.write(c.phys, c.data)
+
+    old = get_profile(rec.abi)
+    track = RadixTracker(mem, kmalloc) if old.radix else MemTracker(mem, kmalloc, old.preserve_bits)
+    track.preserve_blocks(root >> PAGE_SHIFT, 1, 0)
+    for c in kids:
+        first = c.phys >> PAGE_SHIFT
+        last = (c.phys + max(len(c.data), 1) - 1) >> PAGE_SHIFT
+        track.preserve_pages(first, last - first + 1)
+    for _, start, size in regions:
+        track.preserve_pages(start >> PAGE_SHIFT, -(-size // PAGE_SIZE))
+    not_recorded = ["the contents of preserved memory: they read as zeros here"]
+    if mp is not None:
+        first, _ = track.serialize()
+        # Only out/fdt points at the first chunk (or the radix root): move it where it says.
+        mem.write(mp, mem.read(first, PAGE_SIZE))
+        mem.clear(first, PAGE_SIZE)
+        not_recorded.append(
+            f"the memory map's {'tree' if old.radix else 'chunks'}: khofs wrote one at "
+            f"0x{mp:x} in the {old.name} format that preserves only the root FDT page, "
+            f"{len(kids)} sub-blob(s) and {len(regions)} reserve_mem region(s)")
+    not_recorded.append(f"where the root FDT lived: khofs placed it at 0x{root:x}")
+
+    scratch_bytes = encode_scratch(rec.scratch)
+    seg = place_segment(rec.scratch, len(scratch_bytes))
+    mem.write(seg, scratch_bytes)
+    named = {c.name for c in kids}
+    ignored = list(rec.notes) + [
+        f"out/sub_fdts/{n} is not named in out/fdt: not handed over" for n in sorted(rec.blobs)
+        if n not in named]
+    cfg = asdict(config)
+    cfg["release"] = None
+    return Handover(
+        cmdline=cmdline, release=release or get_profile(config.abi).release,
+        previous_release=rec.release, kexec_count=1, config=cfg, fdt_phys=root,
+        scratch_phys=seg, scratch_len=len(scratch_bytes), pages=dict(mem.pages),
+        replay={"snapshot": rec.source, "recorded_release": rec.release,
+                "recorded_abi": rec.abi, "not_recorded": not_recorded, "ignored": ignored})
+
