@@ -5,6 +5,7 @@ on /sys/kernel/debug in a private mount namespace), bad snapshots, and the mount
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -342,3 +343,13 @@ def test_map_of_a_snapshot(mount_khofs, tmp_path):
         ["out/sub_fdts/memblock", "out/sub_fdts/kexec-metadata"]
     assert "note: out/fdt: the whole root FDT the recording kept beside the shorter debugfs " \
         "file" in lines
+    svg = tmp_path / "s.svg"
+    assert khofs("map", snap, "--svg", svg).returncode == 0
+    text = svg.read_text()
+    assert re.findall(r'<g id="(band-[^"]+)"', text) == \
+        ["band-RAM", "band-scratch", "band-reserve_mem", "band-preserved", "band-FDTs"] * 2
+    labels = re.findall(r"<text[^>]*>([^<]*)</text>", text)
+    for label in ("node 0", "lowmem", "oops"):
+        assert label in labels, label
+    assert any(t.endswith(": out/sub_fdts/kexec-metadata") or t == "out/sub_fdts/kexec-metadata"
+               for t in labels)
