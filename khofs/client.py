@@ -82,7 +82,7 @@ class Client:
                          preserve=preserve)["phys"]
 
     def subtree_add_dts(self, name: str, text, preserve: bool = True) -> int:
-        """subtree_add of DTS text (str or bytes); khofs.dts.DtsError names a bad line."""
+        """subtree_add of DTS text (str or bytes); khofs.devicetree.dts.DtsError names a bad line."""
         from .devicetree.dts import dts_to_dtb
         return self.subtree_add(name, dts_to_dtb(text), preserve)
 

@@ -44,13 +44,13 @@ def _replay_handover(args):
     (its command line and ABI, enough memory and nodes for its addresses and scratch areas)."""
     from ..devicetree.snapshot import load, recording
     from ..kernel.machine import MachineConfig
-    from ..kernel.replay import extent, replay_handover
+    from ..kernel.replay import plan, replay_handover
     path = os.path.abspath(args.replay)
     rec = recording(load(path), path)
     memory = args.memory
     if memory is None:
-        memory = rec.memory or 4 << 30
-        while memory < extent(rec):
+        memory, need = rec.memory or 4 << 30, plan(rec).extent
+        while memory < need:
             memory <<= 1
     nodes = args.nodes if args.nodes is not None else rec.nodes or max(1, len(rec.scratch) - 2)
     cfg = MachineConfig(memory=memory, nodes=nodes,

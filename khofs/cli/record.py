@@ -29,8 +29,8 @@ def _source(kho: str, tree) -> None:
                 tree.extra[ROOT_FDT] = c.mem_read(phys, totalsize(fdt))
         return
     if os.path.realpath(kho) == os.path.realpath(SYSTEM_KHO):
-        with open("/proc/cmdline") as f:
-            cmdline = f.read().strip()
+        with open("/proc/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace").strip()
         tree.meta.update(source={"kind": "running system", "path": kho},
                          release=os.uname().release, cmdline=cmdline)
         return

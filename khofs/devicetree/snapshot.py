@@ -12,7 +12,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 
-from ..kernel.replay import Recording, RecordingError, check, profile_of_release
+from ..kernel.replay import Recording, RecordingError, plan, profile_of_release
 
 FORMAT = "khofs-snapshot"
 VERSION = 1
@@ -110,7 +110,7 @@ def recording(tree: KhoTree, source: str = "") -> Recording:
                     memory=tree.meta.get("memory"), nodes=tree.meta.get("nodes"),
                     source=source, notes=notes)
     try:
-        check(rec)
+        plan(rec)
     except RecordingError as e:
         msg = tree.where(str(e)) if str(e).startswith("out/") else str(e)
         if str(e).startswith("out/fdt: truncated"):

@@ -90,7 +90,6 @@ class Machine:
         self._early_params(params)
         self._setup_params(params)
 
-        self.scratch_array = 0
         self.scratch: list[tuple[int, int]] = []
         self._scratch_text = None
         self.preserved = RangeSet()         # what this boot found preserved (kho_mem_deserialize)
@@ -106,7 +105,7 @@ class Machine:
                 self.ignored.append("kho=on: KHO disabled, the scratch areas do not fit in "
                                     "free simulated memory")
             else:
-                self.scratch_array, self.scratch = res
+                _, self.scratch = res
         self.pages = PageAllocator(self.mem, self.memblock, [(a, a + s) for a, s in self.scratch])
         self.kmalloc = Kmalloc(self.pages)
         self.kho_out = None
@@ -261,7 +260,6 @@ class Machine:
     def _kho_memory_init_incoming(self) -> None:
         """kho_memory_init after a KHO kexec: reuse scratch, reserve every preserved block."""
         self.scratch = list(self.kho_in.scratch)
-        self.scratch_array = self.kho_in.scratch_phys
         try:
             runs = preserved_runs(self.mem, self.kho_in.fdt_phys, self.profile.preserve_bits,
                                   self.warn, self.profile)

@@ -131,8 +131,19 @@ def reserve_mem_regions(kids) -> list:
     return out
 
 
-def check(rec: Recording) -> None:
-    """RecordingError if the recording could not be handed over as it is."""
+@dataclass
+class Plan:
+    """Where a recording's pieces go in the successor's memory."""
+    kids: list                       # Child per handed-over sub-blob
+    map_phys: int | None             # the recorded preserved-memory-map address
+    regions: list                    # (name, start, size) of memblock's reserve_mem regions
+    extent: int                      # the first address past all of it
+
+
+def plan(rec: Recording) -> Plan:
+    """The recording's placement; RecordingError if it could not be handed over as it is."""
+    if not rec.scratch:
+        raise RecordingError("out/scratch_phys and out/scratch_len list no scratch area")
     kids = children(rec)
     mp = map_phys(rec)
     placed = [(f"out/sub_fdts/{c.name}", c.phys, len(c.data)) for c in kids]
@@ -146,29 +157,18 @@ def check(rec: Recording) -> None:
             if phys < a + s and a < phys + size:
                 raise RecordingError(f"{what} at 0x{phys:x} lies in scratch area {n} "
                                      f"[0x{a:x}, 0x{a + s:x}), which a kernel never preserves")
-    if not rec.scratch:
-        raise RecordingError("out/scratch_phys and out/scratch_len list no scratch area")
-
-
-def extent(rec: Recording) -> int:
-    """The first address past everything the recording places in memory."""
-    kids = children(rec)
-    ends = [a + s for a, s in rec.scratch] + [c.phys + len(c.data) for c in kids]
-    ends += [s + n for _, s, n in reserve_mem_regions(kids)]
-    mp = map_phys(rec)
-    if mp is not None:
-        ends.append(mp + PAGE_SIZE)
-    return max(ends, default=0)
+    regions = reserve_mem_regions(kids)
+    ends = [a + s for a, s in rec.scratch] + [p + n for _, p, n in placed]
+    ends += [s + n for _, s, n in regions]
+    return Plan(kids, mp, regions, max(ends))
 
 
 def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -> Handover:
     """What the recorded kernel's successor receives; config is the next boot's MachineConfig."""
-    check(rec)
-    kids = children(rec)
-    mp = map_phys(rec)
-    regions = reserve_mem_regions(kids)
-    if extent(rec) > config.memory:
-        raise RecordingError(f"the recording reaches 0x{extent(rec):x}: --memory must be at "
+    pl = plan(rec)
+    kids, mp, regions = pl.kids, pl.map_phys, pl.regions
+    if pl.extent > config.memory:
+        raise RecordingError(f"the recording reaches 0x{pl.extent:x}: --memory must be at "
                              f"least that (it is 0x{config.memory:x})")
     mem = PhysMem(config.memory, config.nodes)
     memblock = Memblock(mem)
