@@ -44,12 +44,12 @@ def _replay_handover(args):
     (its command line and ABI, enough memory and nodes for its addresses and scratch areas)."""
     from ..devicetree.snapshot import load, recording
     from ..kernel.machine import MachineConfig
-    from ..kernel.replay import plan, replay_handover
+    from ..kernel.replay import replay_handover
     path = os.path.abspath(args.replay)
     rec = recording(load(path), path)
     memory = args.memory
     if memory is None:
-        memory, need = rec.memory or 4 << 30, plan(rec).extent
+        memory, need = rec.memory or 4 << 30, rec.plan.extent
         while memory < need:
             memory <<= 1
     nodes = args.nodes if args.nodes is not None else rec.nodes or max(1, len(rec.scratch) - 2)
@@ -100,6 +100,7 @@ def _serve_locked(args, mnt) -> int:
         return EXIT_USAGE
     machine = host.machine
     if fd is not None:
+        from ..kernel.replay import replay_lines
         for line in replay_lines(machine.replay):
             report(fd, stderr=f"khofs: replay: {line}")
         for line in machine.warnings():
@@ -259,20 +260,11 @@ def cmd_status(args) -> int:
         print(f"scratch[{i}]:       0x{s['addr']:x} + 0x{s['size']:x}")
     for n in st["kexec_notes"]:
         print(f"kexec note:       {n}")
+    from ..kernel.replay import replay_lines
     for line in replay_lines(st.get("replay")):
         print(f"replay:           {line}")
     return EXIT_OK
 
-
-def replay_lines(replay) -> list:
-    """What a replayed boot says of its snapshot, a line each."""
-    if not replay:
-        return []
-    rel = replay["recorded_release"] or "an unknown release"
-    return ([f"the successor of {rel} (ABI {replay['recorded_abi']}) recorded in "
-             f"{replay['snapshot']}"] +
-            [f"not in the recording: {n}" for n in replay["not_recorded"]] +
-            [f"ignored: {n}" for n in replay["ignored"]])
 
 
 

@@ -3,7 +3,8 @@
 import os
 import time
 
-from .common import EXIT_FAIL, EXIT_OK, client, err
+from ..kernel.profile import PROFILES
+from .common import EXIT_FAIL, EXIT_OK, client, err, release_arg
 from .show import _mount_of
 
 SYSTEM_KHO = "/sys/kernel/debug/kho"
@@ -13,7 +14,7 @@ def _source(kho: str, tree) -> None:
     """What the tree's source can tell beyond debugfs: release, cmdline, ABI, whole root FDT."""
     from ..devicetree.snapshot import ROOT_FDT
     from ..kernel.fdt import totalsize
-    from ..kernel.replay import fdt_problem
+    from ..kernel.profile import get_profile
     mnt = _mount_of(kho)
     if mnt is not None:
         with client(mnt) as c:
@@ -22,11 +23,12 @@ def _source(kho: str, tree) -> None:
                              cmdline=st["cmdline"], abi=st["abi"], memory=st["memory_size"],
                              nodes=st["nodes"])
             fdt = tree.read("out/fdt")
-            if fdt is not None and fdt_problem(fdt) and len(fdt) >= 8 and \
-                    totalsize(fdt) > len(fdt):
-                # 7.x fixes out/fdt's size when it makes the file; the FDT grows in its page.
+            # 7.x sizes out/fdt once, when it makes the file, and shows none after a kexec;
+            # the FDT itself lives on in its page.
+            if get_profile(st["abi"]).fdt_at_boot and st["kho_enabled"] and (
+                    fdt is None or len(fdt) < 8 or totalsize(fdt) > len(fdt)):
                 phys = c.call("memory_layout")["fdt_phys"]
-                tree.extra[ROOT_FDT] = c.mem_read(phys, totalsize(fdt))
+                tree.extra[ROOT_FDT] = c.mem_read(phys, totalsize(c.mem_read(phys, 8)))
         return
     if os.path.realpath(kho) == os.path.realpath(SYSTEM_KHO):
         with open("/proc/cmdline", "rb") as f:
@@ -51,6 +53,9 @@ def cmd_record(args) -> int:
     try:
         tree = read_dir(kho)
         _source(os.path.abspath(kho), tree)
+        for key in ("abi", "release", "cmdline"):
+            if getattr(args, key) is not None:
+                tree.meta[key] = getattr(args, key)
         tree.meta["recorded"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         rec = recording(tree, args.snapshot)
         save(tree, args.snapshot)
@@ -62,7 +67,7 @@ def cmd_record(args) -> int:
         return EXIT_FAIL
     what = f"release {rec.release}, " if rec.release else ""
     print(f"recorded {len(tree.files)} files of {kho} ({what}ABI {rec.abi}, "
-          f"{len(rec.blobs)} sub-blob(s)) in {args.snapshot}")
+          f"{len(rec.plan.kids)} sub-blob(s)) in {args.snapshot}")
     return EXIT_OK
 
 
@@ -77,4 +82,11 @@ def add_record(sub) -> None:
     r.add_argument("snapshot", metavar="SNAPSHOT", help="the file to write")
     r.add_argument("--from", dest="source", default=SYSTEM_KHO, metavar="DIR",
                    help=f"the kho/ directory (default {SYSTEM_KHO}), or a khofs mount point")
+    r.add_argument("--abi", choices=list(PROFILES),
+                   help="the recorded kernel's ABI profile, where the tree cannot tell (a copy: "
+                   "by default its release's, else 7.1 for kho-v3 and 6.18 for kho-v1)")
+    r.add_argument("--release", type=release_arg, metavar="R",
+                   help="the recorded kernel's uname -r (a copy has none)")
+    r.add_argument("--cmdline", help="the recorded kernel's command line (a copy has none; "
+                   "replay boots with it unless given one)")
     r.set_defaults(func=cmd_record)

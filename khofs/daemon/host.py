@@ -8,6 +8,7 @@ from ..fs.debugfs import Tree
 from ..kernel.errors import KernelError
 from ..kernel.handover import Handover
 from ..kernel.machine import Machine, MachineConfig
+from ..kernel.replay import replay_lines
 
 HANDOVER_FILE = "handover"
 
@@ -49,15 +50,8 @@ class Host:
             self.log(f"kernel: {line.text}")
         for note in self.machine.kexec_notes:
             self.log(f"khofs: kexec: {note}")
-        replay = self.machine.replay
-        if replay:
-            self.log(f"khofs: replay: booted as the successor of "
-                     f"{replay['recorded_release'] or 'an unknown release'} recorded in "
-                     f"{replay['snapshot']}")
-            for note in replay["not_recorded"]:
-                self.log(f"khofs: replay: not in the recording: {note}")
-            for note in replay["ignored"]:
-                self.log(f"khofs: replay: ignored: {note}")
+        for line in replay_lines(self.machine.replay):
+            self.log(f"khofs: replay: {line}")
 
     def kexec_load(self, cmdline=None, release=None, abi=None) -> dict:
         """kexec -s -l; what was loaded and whether it carries a handover."""

@@ -1,26 +1,35 @@
 """khofs snapshots: a kho/ debugfs tree in one file (khofs record), read back by khofs mount
 --replay and khofs map. The format is in docs/snapshot-format.md: a tar archive whose first
 member is manifest.json, then kho/ with every directory and file (bytes as read() returned
-them, modes in the headers), and extra/ for what debugfs did not show but the recording
-source could tell.
+them, modes in the headers), extra/ for what debugfs did not show but the recording source
+could tell, and an end marker that a cut-short file lacks.
 """
 
 import io
 import json
 import os
+import re
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..kernel.replay import Recording, RecordingError, plan, profile_of_release
+from ..kernel.profile import PROFILES, get_profile
+from ..kernel.replay import Recording, RecordingError, profile_of_release
 
 FORMAT = "khofs-snapshot"
 VERSION = 1
 MANIFEST = "manifest.json"
-ROOT_FDT = "root-fdt"         # extra/root-fdt: the whole root FDT when out/fdt shows less
+END = "khofs-snapshot.end"      # the last member: tar itself does not notice a cut at a member
+ROOT_FDT = "root-fdt"           # extra/root-fdt: the whole root FDT when debugfs shows less
+EXTRA = (ROOT_FDT,)
 # What a KHO debugfs tree holds; anything else in a recorded tree is kept but not replayed.
 KHO_FILES = ("out/finalize", "out/fdt", "out/scratch_phys", "out/scratch_len", "in/fdt")
 KHO_DIRS = ("", "out", "in", "out/sub_fdts", "in/sub_fdts")
+# The manifest's keys a reader uses, and what each must be.
+META = {"source": dict, "release": str, "cmdline": str, "abi": str, "memory": int,
+        "nodes": int, "recorded": str}
+HEX_LINE = re.compile(r"0x[0-9a-f]{1,16}")        # out/scratch_*: "0x%llx\n" each
 
 
 class SnapshotError(Exception):
@@ -64,17 +73,16 @@ def read_dir(kho: str) -> KhoTree:
             dirs.sort()
             rel = os.path.relpath(top, kho)
             rel = "" if rel == "." else rel
-            for d in dirs:
-                tree.modes[_join(rel, d)] = os.lstat(os.path.join(top, d)).st_mode & 0o7777
-            for n in sorted(names):
+            for n in dirs + sorted(names):
                 full = os.path.join(top, n)
                 st = os.lstat(full)
-                if not os.path.isfile(full) or os.path.islink(full):
-                    raise SnapshotError(f"{full}: not a regular file (a kho/ tree has only "
-                                        "files and directories)")
-                with open(full, "rb") as f:
-                    tree.files[_join(rel, n)] = f.read()
+                if os.path.islink(full) or not (os.path.isdir(full) or os.path.isfile(full)):
+                    raise SnapshotError(f"{full}: not a regular file or directory (a kho/ "
+                                        "tree has only those)")
                 tree.modes[_join(rel, n)] = st.st_mode & 0o7777
+                if n in names:
+                    with open(full, "rb") as f:
+                        tree.files[_join(rel, n)] = f.read()
     except OSError as e:
         raise SnapshotError(f"cannot read {e.filename or kho}: {e.strerror}") from None
     return tree
@@ -92,8 +100,8 @@ def recording(tree: KhoTree, source: str = "") -> Recording:
     """The outgoing side of a recorded tree, checked as a handover; SnapshotError says why not."""
     if not tree.isdir("out"):
         raise SnapshotError(f"{tree.where('out')} is missing: not a KHO debugfs tree")
-    fdt = tree.extra.get(ROOT_FDT) or tree.read("out/fdt")
-    if fdt is None:
+    shown, whole = tree.read("out/fdt"), tree.extra.get(ROOT_FDT)
+    if shown is None and whole is None:
         if tree.read("out/finalize") is not None:
             raise SnapshotError(f"{tree.where('out/fdt')} is missing: KHO hands nothing over "
                                 "until it is finalized; run echo 1 > kho/out/finalize, then "
@@ -101,19 +109,24 @@ def recording(tree: KhoTree, source: str = "") -> Recording:
         raise SnapshotError(f"{tree.where('out/fdt')} is missing: a 7.x kernel shows it only "
                             "after a cold boot, so this kernel's handover cannot be recorded "
                             "from debugfs")
+    if shown is not None and whole is not None and not whole.startswith(shown):
+        raise SnapshotError(f"{tree.where('out/fdt')} is not the start of extra/{ROOT_FDT}, "
+                            "the whole root FDT recorded with it (one of them was edited)")
+    fdt = whole if whole is not None else shown
     blobs = {n: tree.read(f"out/sub_fdts/{n}") for n in tree.listdir("out/sub_fdts")
              if tree.read(f"out/sub_fdts/{n}") is not None}
-    notes = [f"kho/{p} is not part of a KHO debugfs tree: kept, not replayed"
+    notes = [f"{p} is not part of a KHO debugfs tree: kept, not replayed"
              for p in sorted(tree.modes) if not _is_kho_path(p)]
-    rec = Recording(fdt=bytes(fdt), blobs=blobs, scratch=_scratch(tree), abi=_abi(tree, fdt),
+    abi = _abi(tree, fdt)
+    rec = Recording(fdt=bytes(fdt), blobs=blobs, scratch=_scratch(tree), abi=abi,
                     release=tree.meta.get("release"), cmdline=tree.meta.get("cmdline"),
                     memory=tree.meta.get("memory"), nodes=tree.meta.get("nodes"),
                     source=source, notes=notes)
     try:
-        plan(rec)
+        rec.plan
     except RecordingError as e:
-        msg = tree.where(str(e)) if str(e).startswith("out/") else str(e)
-        if str(e).startswith("out/fdt: truncated"):
+        msg = tree.where(e.path) + e.rest if e.path else e.rest
+        if e.path == "out/fdt" and "truncated" in e.rest and get_profile(abi).fdt_at_boot:
             msg += ("; a 7.x kernel fixes out/fdt's size when it makes the file, and the rest "
                     "of its FDT is not in debugfs")
         raise SnapshotError(msg) from None
@@ -133,11 +146,11 @@ def _scratch(tree: KhoTree) -> list:
         data = tree.read(f"out/{name}")
         if data is None:
             raise SnapshotError(f"{tree.where('out/' + name)} is missing")
-        try:
-            cols.append([int(x, 16) for x in data.decode().split()])
-        except (UnicodeDecodeError, ValueError):
-            raise SnapshotError(f"{tree.where('out/' + name)}: not one hex number a line") \
-                from None
+        lines = data.decode(errors="replace").split("\n")
+        if lines[-1] != "" or not all(HEX_LINE.fullmatch(x) for x in lines[:-1]):
+            raise SnapshotError(f"{tree.where('out/' + name)}: not one 0x-prefixed hex number "
+                                "a line, as the kernel prints them")
+        cols.append([int(x, 16) for x in lines[:-1]])
     if len(cols[0]) != len(cols[1]):
         raise SnapshotError(f"{tree.where('out/scratch_phys')} lists {len(cols[0])} areas, "
                             f"scratch_len {len(cols[1])}")
@@ -156,27 +169,32 @@ def _abi(tree: KhoTree, fdt: bytes) -> str:
 
 # -- the file -----------------------------------------------------------------------------
 def save(tree: KhoTree, path: str) -> None:
-    """Write the snapshot atomically: a complete file or none at all."""
-    manifest = dict(tree.meta, format=FORMAT, version=VERSION,
-                    members=[f"kho/{p}" if p else "kho" for p in sorted(tree.modes)] +
-                    [f"extra/{n}" for n in sorted(tree.extra)])
+    """Write the snapshot atomically and readable by its owner only (debugfs is root's): a
+    complete file or none at all."""
+    manifest = dict(tree.meta, format=FORMAT, version=VERSION)
     now = int(time.time())
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = None
     try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w",
+                                                    format=tarfile.PAX_FORMAT) as tar:
             _add(tar, MANIFEST, 0o644, now, (json.dumps(manifest, indent=2) + "\n").encode())
             for p in sorted(tree.modes):
-                name = f"kho/{p}" if p else "kho"
-                _add(tar, name, tree.modes[p], now, tree.files.get(p))
+                _add(tar, f"kho/{p}" if p else "kho", tree.modes[p], now, tree.files.get(p))
             for name in sorted(tree.extra):
                 _add(tar, f"extra/{name}", 0o400, now, tree.extra[name])
+            _add(tar, END, 0o644, now, b"")
         os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise SnapshotError(f"cannot write {path}: {e.strerror}") from None
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise SnapshotError(f"cannot write {path}: {e.strerror}") from None
+        raise
 
 
 def _add(tar, name, mode, mtime, data):
@@ -205,20 +223,16 @@ def load(path: str) -> KhoTree:
             if not members or members[0].name != MANIFEST:
                 raise SnapshotError(f"{path}: not a khofs snapshot (no {MANIFEST} first)")
             manifest = _manifest(path, tar.extractfile(members[0]).read())
+            if not any(m.name == END for m in members):
+                raise SnapshotError(f"{path}: damaged snapshot (no {END} member: the file was "
+                                    "cut short)")
             for m in members[1:]:
                 _member(path, tar, m, tree)
         except (tarfile.TarError, EOFError, OSError) as e:
             raise SnapshotError(f"{path}: damaged snapshot ({e})") from None
     if "" not in tree.modes:
         raise SnapshotError(f"{path}: the snapshot holds no kho/ directory")
-    # A tar archive cut at a member boundary reads without error: the list says what is gone.
-    held = {f"kho/{p}" if p else "kho" for p in tree.modes} | {f"extra/{n}" for n in tree.extra}
-    lost = [m for m in manifest.get("members", []) if m not in held]
-    if lost:
-        raise SnapshotError(f"{path}: damaged snapshot ({lost[0]} is listed in {MANIFEST} but "
-                            "not in the archive: a truncated or edited file?)")
-    tree.meta = {k: manifest[k] for k in ("source", "release", "cmdline", "abi", "memory", "nodes", "recorded")
-                 if k in manifest}
+    tree.meta = {k: manifest[k] for k in META if manifest.get(k) is not None}
     return tree
 
 
@@ -234,18 +248,30 @@ def _manifest(path, data) -> dict:
         raise SnapshotError(f"{path}: snapshot format version {manifest.get('version')!r} is "
                             f"not one this khofs reads (it reads version {VERSION}); record "
                             "the tree again with this khofs")
+    for key, kind in META.items():
+        val = manifest.get(key)
+        if val is not None and (not isinstance(val, kind) or isinstance(val, bool) or
+                                (kind is int and val <= 0)):
+            raise SnapshotError(f"{path}: {MANIFEST}: {key} must be "
+                                f"{'a positive number' if kind is int else kind.__name__}")
+    if manifest.get("abi") is not None and manifest["abi"] not in PROFILES:
+        raise SnapshotError(f"{path}: {MANIFEST}: abi {manifest['abi']!r} is not a profile "
+                            f"khofs knows ({', '.join(PROFILES)})")
     return manifest
 
 
 def _member(path, tar, m, tree: KhoTree) -> None:
     name = m.name.rstrip("/")
     top, _, rest = name.partition("/")
-    if top == "extra" and rest and "/" not in rest and m.isfile():
+    if name == END or (name == "extra" and m.isdir()):
+        return
+    if top == "extra" and rest in EXTRA and m.isfile():
         tree.extra[rest] = tar.extractfile(m).read()
         return
     if top != "kho" or ".." in name.split("/") or not (m.isfile() or m.isdir()):
         raise SnapshotError(f"{path}: unexpected member {m.name!r} (a snapshot holds "
-                            f"{MANIFEST}, kho/ and extra/, files and directories only)")
+                            f"{MANIFEST}, kho/, extra/{'|'.join(EXTRA)} and {END}; files and "
+                            "directories only)")
     tree.modes[rest] = m.mode & 0o7777
     if m.isfile():
         tree.files[rest] = tar.extractfile(m).read()

@@ -88,6 +88,8 @@ def kexec_exec(machine) -> Handover:
                     "(khofs shows it zeroed)")
     # The scratch array goes in a kexec segment placed in scratch, 64 KiB aligned, top-down.
     seg = place_segment(machine.scratch, len(image.scratch_bytes))
+    if seg is None:
+        raise KernelError(errno.EADDRNOTAVAIL, "the scratch array does not fit in any scratch area")
     ho.scratch_phys, ho.scratch_len = seg, len(image.scratch_bytes)
     for pfn in list(machine.mem.pages):
         phys = pfn << PAGE_SHIFT
@@ -130,11 +132,11 @@ def _keep_map_pages(machine, fdt: bytes, keep: RangeSet) -> None:
         pass            # the next kernel cannot read on from here either
 
 
-def place_segment(scratch, size: int) -> int:
+def place_segment(scratch, size: int) -> int | None:
     """Where kexec puts a segment of size bytes: the top of the first scratch area it fits."""
     for addr, ssize in scratch:
         top = addr + ssize - size
         cand = top - top % KEXEC_SEGMENT_ALIGN
         if ssize >= size and cand >= addr:
             return cand
-    raise KernelError(errno.EADDRNOTAVAIL, "the scratch array does not fit in any scratch area")
+    return None

@@ -2,38 +2,65 @@
 
 debugfs shows the root FDT, the sub-blobs and the scratch areas, but not where the root FDT
 lives, what preserved memory holds, nor the memory map's chunks (or radix tree). So the
-successor gets the recorded blobs at their recorded addresses, the root FDT at a free page,
+successor gets the recorded blobs at their recorded addresses, the root FDT at the lowest free page,
 the recorded scratch areas, and a memory map written at the recorded `preserved-memory-map`
 address, in the recorded kernel's format, that preserves only what the recording shows:
 the root FDT page, the sub-blobs and the reserve_mem regions named in the memblock FDT.
 Everything else the recorded kernel preserved reads as zeros.
 """
 
-import libfdt
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+import libfdt
 
 from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
 from .handover import Handover
 from .kexec import place_segment
-from .kho import PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT
+from .kho import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME,
+                  PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT)
 from .memtrack import MemTracker
-from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, Memblock, PageAllocator, PhysMem
+from .physmem import (PAGE_SHIFT, PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem,
+                      RangeSet)
 from .producers.memblock import MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE
 from .profile import get_profile
 from .radix import RadixTracker
 from .scratch import encode_scratch
 
 PROP_PRESERVED_DATA = "preserved-data"
+MAX_PHYS = 1 << 52               # x86-64 MAX_PHYSMEM_BITS (5-level paging)
 
 
 class RecordingError(ValueError):
-    """A recorded tree that no kernel could have handed over; the message names the file."""
+    """A recorded tree that no kernel could have handed over: path (relative to kho/, or "")
+    names the file, rest says what is wrong with it."""
+
+    def __init__(self, path: str, rest: str):
+        super().__init__(path + rest)
+        self.path, self.rest = path, rest
+
+
+@dataclass
+class Child:
+    """One root FDT child: where its blob lives and how big it is."""
+    name: str
+    phys: int
+    data: bytes
+
+
+@dataclass
+class Plan:
+    """Where a recording's pieces go in the successor's memory."""
+    kids: list                       # Child per handed-over sub-blob
+    map_phys: int | None             # the recorded preserved-memory-map address
+    regions: list                    # (name, start, size) of memblock's reserve_mem regions
+    extent: int                      # the first address past all of it
 
 
 @dataclass
 class Recording:
     """A recorded kho/ tree's outgoing side, as khofs record kept it."""
-    fdt: bytes                       # out/fdt, whole
+    fdt: bytes                       # the root FDT, whole
     blobs: dict                      # name -> bytes of out/sub_fdts/NAME
     scratch: list                    # [(addr, size)] of out/scratch_phys + scratch_len
     abi: str                         # the recorded kernel's ABI profile
@@ -44,13 +71,10 @@ class Recording:
     source: str = ""                 # the snapshot, for the notes
     notes: list = field(default_factory=list)    # what the snapshot reader left out
 
-
-@dataclass
-class Child:
-    """One root FDT child: where its blob lives and how big it is."""
-    name: str
-    phys: int
-    data: bytes
+    @cached_property
+    def plan(self) -> Plan:
+        """Where its pieces go; RecordingError if it could not be handed over as it is."""
+        return _plan(self)
 
 
 def profile_of_release(release: str) -> str | None:
@@ -79,11 +103,14 @@ def fdt_problem(blob: bytes) -> str | None:
     return None
 
 
-def children(rec: Recording) -> list:
-    """The handed-over sub-blobs named in out/fdt, checked against out/sub_fdts."""
+def _children(rec: Recording) -> list:
+    """The handed-over sub-blobs named in the root FDT, checked against out/sub_fdts."""
     problem = fdt_problem(rec.fdt)
     if problem:
-        raise RecordingError(f"out/fdt: {problem}")
+        raise RecordingError("out/fdt", f": {problem}")
+    if totalsize(rec.fdt) > PAGE_SIZE:
+        raise RecordingError("out/fdt", f": {totalsize(rec.fdt)} bytes, but a root FDT is one "
+                             f"page ({PAGE_SIZE} bytes)")
     out = []
     for name, off in subnodes(rec.fdt, 0):
         v3 = getprop(rec.fdt, off, PROP_PRESERVED_DATA) is not None
@@ -92,33 +119,33 @@ def children(rec: Recording) -> list:
             continue            # the successor skips such a node; nothing to place
         data = rec.blobs.get(name)
         if data is None:
-            raise RecordingError(f"out/fdt names subtree {name!r} but out/sub_fdts/{name} is "
-                                 "not in the recording")
+            raise RecordingError("out/fdt", f" names subtree {name!r} but out/sub_fdts/{name} "
+                                 "is not in the recording")
         size = getprop(rec.fdt, off, PROP_BLOB_SIZE)
         if size is not None and len(size) == 8 and int.from_bytes(size, "little") != len(data):
-            raise RecordingError(f"out/sub_fdts/{name}: {len(data)} bytes, but out/fdt's "
+            raise RecordingError(f"out/sub_fdts/{name}", f": {len(data)} bytes, but out/fdt's "
                                  f"blob-size says {int.from_bytes(size, 'little')}")
         if not v3 and fdt_problem(data):
-            raise RecordingError(f"out/sub_fdts/{name}: {fdt_problem(data)}")
+            raise RecordingError(f"out/sub_fdts/{name}", f": {fdt_problem(data)}")
         out.append(Child(name, int.from_bytes(prop, "little"), data))
     return out
 
 
-def map_phys(rec: Recording) -> int | None:
-    """The recorded preserved-memory-map address (None if out/fdt has none)."""
+def _map_phys(rec: Recording) -> int | None:
     prop = getprop(rec.fdt, 0, PROP_PRESERVED_MEMORY_MAP)
     if prop is None or len(prop) != 8:
-        return None
+        return None             # the successor says it cannot find the map; nothing to write
     phys = int.from_bytes(prop, "little")
     if phys == 0:
-        raise RecordingError("out/fdt's preserved-memory-map is 0: the recorded kernel hands "
-                             "nothing over until finalized (echo 1 > kho/out/finalize)")
+        raise RecordingError("out/fdt", "'s preserved-memory-map is 0: the recorded kernel "
+                             "hands nothing over until finalized (echo 1 > kho/out/finalize)")
     if phys % PAGE_SIZE:
-        raise RecordingError(f"out/fdt's preserved-memory-map 0x{phys:x} is not page aligned")
+        raise RecordingError("out/fdt", f"'s preserved-memory-map 0x{phys:x} is not page "
+                             "aligned")
     return phys
 
 
-def reserve_mem_regions(kids) -> list:
+def _reserve_mem_regions(kids) -> list:
     """(name, start, size) of each region in a memblock-v1 sub-FDT."""
     mb = next((c for c in kids if c.name == MEMBLOCK_KHO_FDT), None)
     if mb is None or node_check_compatible(mb.data, 0, MEMBLOCK_KHO_NODE_COMPATIBLE):
@@ -131,56 +158,91 @@ def reserve_mem_regions(kids) -> list:
     return out
 
 
-@dataclass
-class Plan:
-    """Where a recording's pieces go in the successor's memory."""
-    kids: list                       # Child per handed-over sub-blob
-    map_phys: int | None             # the recorded preserved-memory-map address
-    regions: list                    # (name, start, size) of memblock's reserve_mem regions
-    extent: int                      # the first address past all of it
-
-
-def plan(rec: Recording) -> Plan:
-    """The recording's placement; RecordingError if it could not be handed over as it is."""
-    if not rec.scratch:
-        raise RecordingError("out/scratch_phys and out/scratch_len list no scratch area")
-    kids = children(rec)
-    mp = map_phys(rec)
-    placed = [(f"out/sub_fdts/{c.name}", c.phys, len(c.data)) for c in kids]
+def _plan(rec: Recording) -> Plan:
+    scratch = [(f"scratch area {n}", a, s) for n, (a, s) in enumerate(rec.scratch) if s]
+    if not scratch:
+        raise RecordingError("out/scratch_len", " lists no scratch area of nonzero size")
+    for i, (what, a, s) in enumerate(scratch):
+        if a + s > MAX_PHYS:
+            raise RecordingError("out/scratch_phys", f": {what} ends past 2^52, the largest "
+                                 "physical address")
+        for other, a2, s2 in scratch[:i]:
+            if a < a2 + s2 and a2 < a + s:
+                raise RecordingError("out/scratch_phys", f": {other} and {what} overlap")
+    if place_segment(rec.scratch, len(encode_scratch(rec.scratch))) is None:
+        raise RecordingError("out/scratch_len", ": no scratch area can hold the "
+                             f"{len(encode_scratch(rec.scratch))}-byte kho_scratch array")
+    kids = _children(rec)
+    mp = _map_phys(rec)
+    regions = _reserve_mem_regions(kids)
+    placed = [(f"out/sub_fdts/{c.name}", c.phys, max(len(c.data), 1)) for c in kids]
     if mp is not None:
-        placed.append(("the memory map (out/fdt's preserved-memory-map)", mp, PAGE_SIZE))
+        placed.append(("out/fdt's preserved-memory-map", mp, PAGE_SIZE))
+    placed += [(f"out/sub_fdts/{MEMBLOCK_KHO_FDT}'s region {n!r}", p, s) for n, p, s in regions]
     for i, (what, phys, size) in enumerate(placed):
+        path, _, rest = what.partition("'s ")
+        if phys + size > MAX_PHYS:
+            raise RecordingError(path, f"{': ' + rest if rest else ''} at 0x{phys:x} ends past "
+                                 "2^52, the largest physical address")
         for other, p2, s2 in placed[:i]:
             if phys < p2 + s2 and p2 < phys + size:
-                raise RecordingError(f"{what} at 0x{phys:x} overlaps {other} at 0x{p2:x}")
-        for n, (a, s) in enumerate(rec.scratch):
+                raise RecordingError(path, f"{': ' + rest if rest else ''} at 0x{phys:x} "
+                                     f"overlaps {other} at 0x{p2:x}")
+        for other, a, s in scratch:
             if phys < a + s and a < phys + size:
-                raise RecordingError(f"{what} at 0x{phys:x} lies in scratch area {n} "
-                                     f"[0x{a:x}, 0x{a + s:x}), which a kernel never preserves")
-    regions = reserve_mem_regions(kids)
-    ends = [a + s for a, s in rec.scratch] + [p + n for _, p, n in placed]
-    ends += [s + n for _, s, n in regions]
+                raise RecordingError(path, f"{': ' + rest if rest else ''} at 0x{phys:x} lies "
+                                     f"in {other} [0x{a:x}, 0x{a + s:x}), which a kernel never "
+                                     "preserves")
+    ends = [a + s for _, a, s in scratch] + [p + n for _, p, n in placed]
     return Plan(kids, mp, regions, max(ends))
+
+
+def _lowest_free_page(used: RangeSet, floor: int) -> int:
+    page = floor
+    for start, end in used:
+        if end <= page:
+            continue
+        if start >= page + PAGE_SIZE:
+            break
+        page = -(-end // PAGE_SIZE) * PAGE_SIZE
+    return page
+
+
+def _metadata_count(kids) -> int | None:
+    """The kexec count a 7.1 kexec-metadata blob gives its reader, if it is one."""
+    md = next((c for c in kids if c.name == KHO_METADATA_NODE_NAME), None)
+    if md is None or len(md.data) < KEXEC_METADATA.size:
+        return None
+    version, _, count = KEXEC_METADATA.unpack_from(md.data)
+    return count if version == KHO_KEXEC_METADATA_VERSION else None
 
 
 def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -> Handover:
     """What the recorded kernel's successor receives; config is the next boot's MachineConfig."""
-    pl = plan(rec)
+    pl = rec.plan
     kids, mp, regions = pl.kids, pl.map_phys, pl.regions
     if pl.extent > config.memory:
-        raise RecordingError(f"the recording reaches 0x{pl.extent:x}: --memory must be at "
+        raise RecordingError("", f"the recording reaches 0x{pl.extent:x}: --memory must be at "
                              f"least that (it is 0x{config.memory:x})")
     mem = PhysMem(config.memory, config.nodes)
     memblock = Memblock(mem)
+    memblock.reserve(0, SZ_1M)                       # firmware's, as on every boot
     for c in kids:
         memblock.reserve(c.phys - c.phys % PAGE_SIZE, max(len(c.data), 1) + c.phys % PAGE_SIZE)
     for _, start, size in regions:
         memblock.reserve(start, size)
     if mp is not None:
         memblock.reserve(mp, PAGE_SIZE)
-    pages = PageAllocator(mem, memblock, rec.scratch)
+    scratch = [(a, a + s) for a, s in rec.scratch]
+    used = RangeSet(iter(memblock.reserved))
+    for a, e in scratch:
+        used.add(a, e)
+    # The lowest free page: the successor allocates top-down, so a map it misreads (another
+    # release's) leaves the root FDT in place longest, as after khofs kexec.
+    root = _lowest_free_page(used, SZ_1M)
+    memblock.reserve(root, PAGE_SIZE)
+    pages = PageAllocator(mem, memblock, scratch)
     kmalloc = Kmalloc(pages)
-    root = pages.alloc_pages(0)
     mem.write(root, rec.fdt)
     for c in kids:
         mem.write(c.phys, c.data)
@@ -197,7 +259,7 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
     not_recorded = ["the contents of preserved memory: they read as zeros here"]
     if mp is not None:
         first, _ = track.serialize()
-        # Only out/fdt points at the first chunk (or the radix root): move it where it says.
+        # Only the root FDT points at the first chunk (or the radix root): move it there.
         mem.write(mp, mem.read(first, PAGE_SIZE))
         mem.clear(first, PAGE_SIZE)
         not_recorded.append(
@@ -217,8 +279,18 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
     cfg["release"] = None
     return Handover(
         cmdline=cmdline, release=release or get_profile(config.abi).release,
-        previous_release=rec.release, kexec_count=1, config=cfg, fdt_phys=root,
-        scratch_phys=seg, scratch_len=len(scratch_bytes), pages=dict(mem.pages),
+        previous_release=rec.release, kexec_count=_metadata_count(kids) or 1, config=cfg,
+        fdt_phys=root, scratch_phys=seg, scratch_len=len(scratch_bytes), pages=dict(mem.pages),
         replay={"snapshot": rec.source, "recorded_release": rec.release,
                 "recorded_abi": rec.abi, "not_recorded": not_recorded, "ignored": ignored})
 
+
+def replay_lines(replay: dict | None) -> list:
+    """What a replayed boot says of its snapshot, a line each (log, mount, status)."""
+    if not replay:
+        return []
+    rel = replay["recorded_release"] or "an unknown release"
+    return ([f"the successor of {rel} (ABI {replay['recorded_abi']}) recorded in "
+             f"{replay['snapshot']}"] +
+            [f"not in the recording: {n}" for n in replay["not_recorded"]] +
+            [f"ignored: {n}" for n in replay["ignored"]])

@@ -35,7 +35,7 @@ def tar_listing(snap):
     with tarfile.open(snap) as tar:
         return sorted((m.name, stat.filemode(m.mode | (stat.S_IFDIR if m.isdir() else
                                                        stat.S_IFREG)))
-                      for m in tar.getmembers() if m.name.startswith("kho"))
+                      for m in tar.getmembers() if m.name.split("/")[0] == "kho")
 
 
 def manifest(snap):
@@ -143,10 +143,21 @@ def test_record_refuses_what_hands_nothing_over(mount_khofs, tmp_path):
 
 
 def test_record_a_7x_tree_after_a_kexec(mount_khofs, tmp_path):
-    m = mount_khofs("--memory", "1G", "--abi", "7.1", cmdline="kho=on")
+    """After a 7.x kexec debugfs shows no out/fdt: a khofs mount's daemon still has the root
+    FDT and record keeps it; a copy of the same tree cannot be recorded."""
+    m = mount_khofs("--memory", "1G", "--abi", "7.1", cmdline="kho=on reserve_mem=4M:4096:oops")
     assert khofs("kexec", m).returncode == 0
-    r = khofs("record", tmp_path / "s", "--from", m)
-    one_line_error(r, f"{m.kho}/out/fdt is missing: a 7.x kernel shows it only after a cold "
+    assert not os.path.exists(os.path.join(m.out, "fdt"))
+    snap = tmp_path / "s"
+    assert khofs("record", snap, "--from", m).returncode == 0
+    new = mount_khofs("--replay", snap, cmdline=None, name="new")
+    log = kernel_log(new)
+    assert "KHO: exec from: 7.1.0-khofs (count 2)" in log and REVIVED in log
+    assert status(new)["kexec_count"] == 2
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", m.kho, copy], check=True)
+    r = khofs("record", tmp_path / "s2", "--from", copy)
+    one_line_error(r, f"{copy}/out/fdt is missing: a 7.x kernel shows it only after a cold "
                    "boot, so this kernel's handover cannot be recorded from debugfs")
 
 
@@ -181,6 +192,27 @@ def test_a_copied_tree_records_and_replays(mount_khofs, tmp_path, copied):
     assert "previous release: -" in khofs("status", new).stdout
 
 
+def test_a_copy_names_its_kernel(mount_khofs, tmp_path):
+    """A copy does not say which release made it: record --abi/--release/--cmdline do."""
+    m = mount_khofs("--memory", "1G", "--abi", "6.16", cmdline="kho=on reserve_mem=4M:4096:oops")
+    finalize(m)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", m.kho, copy], check=True)
+    snap = tmp_path / "s"
+    r = khofs("record", snap, "--from", copy, "--abi", "6.16", "--release", "6.17.2",
+              "--cmdline", "kho=on reserve_mem=4M:4096:oops")
+    assert r.stdout == f"recorded 5 files of {copy} (release 6.17.2, ABI 6.16, 1 sub-blob(s)) " \
+        f"in {snap}\n"
+    man = manifest(snap)
+    assert (man["abi"], man["release"], man["cmdline"]) == \
+        ("6.16", "6.17.2", "kho=on reserve_mem=4M:4096:oops")
+    new = mount_khofs("--replay", snap, cmdline=None, name="new")
+    assert status(new)["abi"] == "6.16" and REVIVED in kernel_log(new)
+    assert os.listdir(os.path.join(new.kho, "in/sub_fdts")) == ["memblock"]
+    r = khofs("record", snap, "--from", copy, "--abi", "6.99")
+    assert r.returncode == 2 and "invalid choice: '6.99'" in r.stderr
+
+
 def test_copy_without_a_sub_fdt(tmp_path, copied):
     _, copy = copied
     os.unlink(copy / "out/sub_fdts/memblock")
@@ -188,6 +220,24 @@ def test_copy_without_a_sub_fdt(tmp_path, copied):
                    f"{copy}/out/fdt names subtree 'memblock' but out/sub_fdts/memblock is not "
                    "in the recording")
     assert not (tmp_path / "s").exists()
+
+
+def test_copy_with_a_symlink(tmp_path, copied):
+    _, copy = copied
+    os.symlink("/etc", copy / "out/sub_fdts/evil")
+    one_line_error(khofs("record", tmp_path / "s", "--from", copy),
+                   f"{copy}/out/sub_fdts/evil: not a regular file or directory (a kho/ tree has "
+                   "only those)")
+
+
+def test_snapshot_is_private(tmp_path, copied):
+    _, copy = copied
+    os.umask(old := os.umask(0))
+    try:
+        assert khofs("record", tmp_path / "s", "--from", copy).returncode == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o600
 
 
 def test_copy_with_a_truncated_sub_fdt(tmp_path, copied):
@@ -207,7 +257,7 @@ def test_copy_with_extra_files(mount_khofs, tmp_path, copied):
     with tarfile.open(snap) as tar:
         assert tar.extractfile("kho/out/README").read() == b"notes\n"
     new = mount_khofs("--replay", snap, cmdline="kho=on reserve_mem=4M:4096:oops", name="new")
-    assert "khofs: replay: ignored: kho/out/README is not part of a KHO debugfs tree: kept, not " \
+    assert "khofs: replay: ignored: out/README is not part of a KHO debugfs tree: kept, not " \
         "replayed\n" in new.result.stderr
     assert "khofs: replay: ignored: out/sub_fdts/stray is not named in out/fdt: not handed " \
         "over\n" in new.result.stderr

@@ -4,6 +4,7 @@ successor's handover (khofs/kernel/replay.py) and the snapshot file (devicetree/
 import io
 import json
 import os
+import stat
 import tarfile
 
 import libfdt
@@ -215,7 +216,7 @@ def test_extra_files_are_kept_and_named():
     rec = recording(tree, "snap")
     nxt = successor(rec, cmdline="kho=on reserve_mem=4M:4096:oops")
     assert nxt.replay["ignored"] == [
-        "kho/out/notes.txt is not part of a KHO debugfs tree: kept, not replayed",
+        "out/notes.txt is not part of a KHO debugfs tree: kept, not replayed",
         "out/sub_fdts/stray is not named in out/fdt: not handed over"]
     assert [b[0] for b in nxt.kho_in.blobs] == ["memblock"]
 
@@ -271,15 +272,16 @@ def test_save_and_load_keep_every_byte_and_mode(tmp_path):
         assert tar.getmember("kho/out/fdt").mode == 0o400
         assert tar.getmember("kho/out").isdir() and tar.getmember("kho/out").mode == 0o755
     assert man["format"] == "khofs-snapshot" and man["version"] == VERSION
-    assert man["members"][:3] == ["kho", "kho/in", "kho/in/fdt"] or \
-        man["members"][:3] == ["kho", "kho/out", "kho/out/fdt"]
-    assert man["members"][-1] == f"extra/{ROOT_FDT}"
+    assert "members" not in man
+    assert names[1:4] == ["kho", "kho/out", "kho/out/fdt"]
+    assert names[-2:] == [f"extra/{ROOT_FDT}", "khofs-snapshot.end"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert os.listdir(tmp_path) == ["s.khosnap"]
 
 
-def _tar(path, members):
+def _tar(path, members, end=True):
     with tarfile.open(path, "w") as tar:
-        for name, data in members:
+        for name, data in members + ([("khofs-snapshot.end", b"")] if end else []):
             info = tarfile.TarInfo(name)
             if data is None:
                 info.type = tarfile.DIRTYPE
@@ -313,6 +315,18 @@ def manifest(**kw):
     ([("manifest.json", manifest()), ("kho", None), ("kho/out", ("sym", "/etc"))],
      "unexpected member 'kho/out'"),
     ([("manifest.json", manifest()), ("elsewhere", b"x")], "unexpected member 'elsewhere'"),
+    ([("manifest.json", manifest()), ("kho", None), ("extra/other", b"x")],
+     "unexpected member 'extra/other'"),
+    ([("manifest.json", manifest(memory="lots")), ("kho", None)],
+     "manifest.json: memory must be a positive number"),
+    ([("manifest.json", manifest(nodes=0)), ("kho", None)],
+     "manifest.json: nodes must be a positive number"),
+    ([("manifest.json", manifest(cmdline=5)), ("kho", None)],
+     "manifest.json: cmdline must be str"),
+    ([("manifest.json", manifest(source=[1])), ("kho", None)],
+     "manifest.json: source must be dict"),
+    ([("manifest.json", manifest(abi="9.9")), ("kho", None)],
+     "manifest.json: abi '9.9' is not a profile khofs knows (6.18, 6.16, 7.0, 7.1)"),
 ])
 def test_bad_snapshots(tmp_path, members, msg):
     path = str(tmp_path / "bad")
@@ -321,6 +335,36 @@ def test_bad_snapshots(tmp_path, members, msg):
         load(path)
     assert str(ei.value).startswith(f"{path}: ")
     assert msg in str(ei.value)
+
+
+def test_a_snapshot_without_its_end_marker(tmp_path):
+    path = str(tmp_path / "cut")
+    _tar(path, [("manifest.json", manifest()), ("kho", None)], end=False)
+    with pytest.raises(SnapshotError, match="damaged snapshot \\(no khofs-snapshot.end member"):
+        load(path)
+
+
+def test_hand_edits_with_tar(tmp_path):
+    """Members deleted (tar --delete) or appended after the end marker (tar -r) read as the
+    tree they make; an extra/ directory entry (tar -c ... extra) is fine."""
+    tree = kho_tree(boot("7.1"))
+    path = str(tmp_path / "s")
+    save(tree, path)
+    with tarfile.open(path) as tar:
+        kept = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()
+                if m.name != "kho/out/finalize"]
+    with tarfile.open(path, "w") as tar:
+        for m, data in kept:
+            tar.addfile(m, io.BytesIO(data) if data is not None else None)
+        info = tarfile.TarInfo("extra")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        info = tarfile.TarInfo("kho/out/README")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    back = load(path)
+    assert "out/finalize" not in back.files and back.files["out/README"] == b"hi"
+    assert back.extra == tree.extra
 
 
 def test_not_a_tar(tmp_path):
@@ -342,22 +386,32 @@ def test_truncated_file(tmp_path):
     with pytest.raises(SnapshotError, match="damaged snapshot \\(unexpected end of data\\)"):
         load(str(path))
     path.write_bytes(data[:cut])                # at a member's end: the manifest tells
-    with pytest.raises(SnapshotError, match="damaged snapshot \\(kho/out/scratch_phys is "
-                       "listed in manifest.json but not in the archive"):
+    with pytest.raises(SnapshotError, match="damaged snapshot \\(no khofs-snapshot.end member: "
+                       "the file was cut short\\)"):
         load(str(path))
 
 
-def test_a_failed_save_leaves_nothing(tmp_path):
+def test_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
     tree = kho_tree(boot("6.18"))
-    target = tmp_path / "s"
-    save(tree, str(target))
-    before = target.read_bytes()
-    # The temporary file cannot be made (root passes mode checks: a directory is in the way).
-    (tmp_path / f"s.tmp{os.getpid()}").mkdir()
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "x").write_text("kept")
     with pytest.raises(SnapshotError, match=f"cannot write {target}: Is a directory"):
-        save(KhoTree(modes={"": 0o700}), str(target))
-    assert target.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["s", f"s.tmp{os.getpid()}"]
+        save(tree, str(target))
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(target) == ["x"]
+    # Interrupted half way (Ctrl-C): no temporary file stays behind either.
+    calls = []
+
+    def addfile(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+    real = tarfile.TarFile.addfile
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    with pytest.raises(KeyboardInterrupt):
+        save(tree, str(tmp_path / "s"))
+    assert os.listdir(tmp_path) == ["d"]
 
 
 def test_recording_a_directory_without_release_guesses_the_abi_from_the_tree():
@@ -368,3 +422,125 @@ def test_recording_a_directory_without_release_guesses_the_abi_from_the_tree():
         tree.meta = {"release": "6.17.1"}
         assert recording(tree, "s").abi == "6.16"
 
+
+
+# -- what the review of the first version found ---------------------------------------------
+def _with_scratch(tree, areas):
+    tree.files["out/scratch_phys"] = "".join(f"0x{a:x}\n" for a, _ in areas).encode()
+    tree.files["out/scratch_len"] = "".join(f"0x{s:x}\n" for _, s in areas).encode()
+    return tree
+
+
+def test_nothing_khofs_places_lands_in_scratch():
+    """A lowmem scratch area that ends at the top of RAM: the root FDT and the map's own
+    pages stay out of every scratch area, and the root FDT takes the lowest free page."""
+    tree = edited()
+    old = [tuple(int(x, 16) for x in tree.files[f"out/scratch_{k}"].split())
+           for k in ("phys", "len")]
+    areas = list(zip(*old))
+    areas[0] = (2 * G - areas[0][1], areas[0][1])        # lowmem now ends at the top of 2 GiB
+    rec = recording(_with_scratch(tree, areas), "snap")
+    ho = replay_handover(rec, "kho=on reserve_mem=4M:4096:oops", MachineConfig(memory=2 * G),
+                         None)
+    nxt = Machine(ho.cmdline, MachineConfig(**ho.config), ho)
+    in_scratch = lambda p: any(a <= p < a + s for a, s in areas)  # noqa: E731
+    assert not in_scratch(ho.fdt_phys)
+    assert ho.fdt_phys == 1 << 20          # the lowest page above firmware's first MiB
+    for _, p, n in nxt.incoming_runs:
+        assert not any(in_scratch(q) for q in range(p, p + n, 4096)), hex(p)
+    mp = int.from_bytes(libfdt.Fdt(bytearray(rec.fdt)).getprop(0, "preserved-memory-map"),
+                        "little")
+    map_pages = {pfn << 12 for pfn in ho.pages} - {ho.fdt_phys}
+    assert mp in map_pages
+
+
+@pytest.mark.parametrize("phys,lens,msg", [
+    ("-0x10\n0x0\n0x0\n", None, "kho/out/scratch_phys: not one 0x-prefixed hex number a line"),
+    ("0x1ffffffffffffffff\n0x0\n0x0\n", None, "kho/out/scratch_phys: not one 0x-prefixed"),
+    ("123\n0x0\n0x0\n", None, "kho/out/scratch_phys: not one 0x-prefixed hex number a line"),
+    ("0x10000000\n0x0\n0x0", None, "kho/out/scratch_phys: not one 0x-prefixed"),
+    (None, "0x0\n0x0\n0x0\n", "kho/out/scratch_len lists no scratch area of nonzero size"),
+    ("0x10000000\n0x10100000\n0x0\n", "0x1000000\n0x1000000\n0x0\n",
+     "kho/out/scratch_phys: scratch area 0 and scratch area 1 overlap"),
+    ("0xfffffffffffff000\n0x0\n0x0\n", "0x2000\n0x0\n0x0\n",
+     "kho/out/scratch_phys: scratch area 0 ends past 2^52, the largest physical address"),
+    (None, "0x20\n0x0\n0x0\n", "kho/out/scratch_len: no scratch area can hold the 48-byte "
+     "kho_scratch array"),
+])
+def test_bad_scratch_text(phys, lens, msg):
+    tree = edited()
+    if phys is not None:
+        tree.files["out/scratch_phys"] = phys.encode()
+    if lens is not None:
+        tree.files["out/scratch_len"] = lens.encode()
+    assert refusal(tree).startswith(msg)
+
+
+def test_root_fdt_larger_than_a_page():
+    tree = edited()
+    f = libfdt.Fdt(bytearray(tree.files["out/fdt"]))
+    f.resize(6140)
+    tree.files["out/fdt"] = bytes(f.as_bytearray())
+    assert refusal(tree) == "kho/out/fdt: 6140 bytes, but a root FDT is one page (4096 bytes)"
+
+
+def test_reserve_mem_region_in_scratch():
+    tree = edited()
+    lowmem = int(tree.files["out/scratch_phys"].split()[0], 16)
+    sub = libfdt.Fdt(bytearray(tree.files["out/sub_fdts/memblock"]))
+    sub.setprop(sub.path_offset("/oops"), "start", lowmem.to_bytes(8, "little"))
+    tree.files["out/sub_fdts/memblock"] = bytes(sub.as_bytearray())
+    assert refusal(tree) == (f"kho/out/sub_fdts/memblock: region 'oops' at 0x{lowmem:x} lies "
+                             f"in scratch area 0 [0x{lowmem:x}, ") + refusal(tree).split(", ", 1)[1]
+    assert refusal(tree).endswith("which a kernel never preserves")
+
+
+def test_out_fdt_must_start_the_whole_root_fdt():
+    tree = edited("7.1")
+    tree.files["out/fdt"] = b"\0" + tree.files["out/fdt"][1:]
+    assert refusal(tree) == ("kho/out/fdt is not the start of extra/root-fdt, the whole root FDT "
+                             "recorded with it (one of them was edited)")
+
+
+def test_the_7x_hint_only_for_7x():
+    tree = edited("6.18")
+    tree.files["out/fdt"] = tree.files["out/fdt"][:100]
+    assert refusal(tree) == "kho/out/fdt: truncated FDT (100 of the 196 bytes its header says)"
+
+
+def test_replay_into_6_16_behaves_as_khofs_kexec_does():
+    """6.18's page-sized bitmaps misread by 6.16: as with khofs kexec --abi 6.16, in/ still
+    shows the handed-over FDTs (the root FDT page is not the first one the successor takes)."""
+    old = boot("6.18")
+    rec = recording(kho_tree(old), "snap")
+    nxt = successor(rec, abi="6.16")
+    fdt, subs = in_files(nxt)
+    assert fdt == old.kho_out.root_fdt() and sorted(subs) == ["kho_test", "memblock"]
+    old.kexec_load(abi="6.16")
+    ho = old.kexec_exec()
+    via_kexec = Machine(ho.cmdline, MachineConfig(**ho.config), ho)
+    assert sorted(b[0] for b in via_kexec.kho_in.blobs) == sorted(subs)
+    assert [t for t in log(nxt) if "test_kho" in t] == \
+        [t for t in log(via_kexec) if "test_kho" in t] == ["test_kho: KHO restore failed"]
+
+
+def test_a_71_successor_recorded_keeps_its_count():
+    """A 7.1 kernel that was itself a successor: out/fdt is not in its debugfs, khofs record
+    takes the root FDT from the daemon; the replayed kernel is the third, count 2."""
+    first = boot("7.1")
+    first.kexec_load()
+    ho = first.kexec_exec()
+    second = Machine(ho.cmdline, MachineConfig(**ho.config), ho)
+    tree = kho_tree(second)
+    assert "out/fdt" not in tree.files
+    tree.extra[ROOT_FDT] = second.kho_out.root_fdt()
+    nxt = successor(recording(tree, "snap"))
+    assert nxt.kexec_count == 2
+    assert f"KHO: exec from: {second.release} (count 2)" in log(nxt)
+
+
+def test_summary_counts_only_handed_over_blobs():
+    tree = edited()
+    tree.files["out/sub_fdts/stray"] = tree.files["out/sub_fdts/memblock"]
+    tree.modes["out/sub_fdts/stray"] = 0o400
+    assert [c.name for c in recording(tree, "s").plan.kids] == ["memblock"]
