@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..kernel.profile import PROFILES, get_profile
+from ..kernel.fdt import FDT_HEADER, totalsize
 from ..kernel.replay import Recording, RecordingError, profile_of_release
+from ..kernel.rootfdt import rebuild
 
 FORMAT = "khofs-snapshot"
 VERSION = 1
@@ -118,19 +120,30 @@ def recording(tree: KhoTree, source: str = "") -> Recording:
     notes = [f"{p} is not part of a KHO debugfs tree: kept, not replayed"
              for p in sorted(tree.modes) if not _is_kho_path(p)]
     abi = _abi(tree, fdt)
+    unplaced, rebuilt_from = [], None
+    if whole is None and _cut_short(shown) and get_profile(abi).fdt_at_boot:
+        # 7.x: out/fdt keeps the size the FDT had when kho_init made the file.
+        try:
+            fdt, unplaced = rebuild(shown, blobs, get_profile(abi))
+        except ValueError as e:
+            raise SnapshotError(
+                f"{tree.where('out/fdt')}: truncated FDT ({len(shown)} of the "
+                f"{totalsize(shown)} bytes its header says), and khofs cannot rebuild the rest "
+                f"the {abi} kernel's way: {e}") from None
+        rebuilt_from = len(shown)
     rec = Recording(fdt=bytes(fdt), blobs=blobs, scratch=_scratch(tree), abi=abi,
                     release=tree.meta.get("release"), cmdline=tree.meta.get("cmdline"),
                     memory=tree.meta.get("memory"), nodes=tree.meta.get("nodes"),
-                    source=source, notes=notes)
+                    source=source, notes=notes, unplaced=unplaced, shown=rebuilt_from)
     try:
         rec.plan
     except RecordingError as e:
-        msg = tree.where(e.path) + e.rest if e.path else e.rest
-        if e.path == "out/fdt" and "truncated" in e.rest and get_profile(abi).fdt_at_boot:
-            msg += ("; a 7.x kernel fixes out/fdt's size when it makes the file, and the rest "
-                    "of its FDT is not in debugfs")
-        raise SnapshotError(msg) from None
+        raise SnapshotError(tree.where(e.path) + e.rest if e.path else e.rest) from None
     return rec
+
+
+def _cut_short(fdt: bytes) -> bool:
+    return len(fdt) >= FDT_HEADER.size and totalsize(fdt) > len(fdt)
 
 
 def _is_kho_path(p: str) -> bool:
@@ -158,13 +171,16 @@ def _scratch(tree: KhoTree) -> list:
 
 
 def _abi(tree: KhoTree, fdt: bytes) -> str:
-    """The recorded kernel's profile: as the source said, by its release, or by the tree."""
+    """The recorded kernel's profile: as the source said, by its release, or by the tree (a
+    short out/fdt is 6.19+'s; 6.16-6.18 make the file when the FDT is complete)."""
     if tree.meta.get("abi"):
         return tree.meta["abi"]
     by_release = profile_of_release(tree.meta.get("release") or "")
     if by_release:
         return by_release
-    return "7.1" if b"kho-v3\0" in fdt else "6.18"
+    if b"kho-v3\0" in fdt:
+        return "7.1"
+    return "7.0" if _cut_short(fdt) and ROOT_FDT not in tree.extra else "6.18"
 
 
 # -- the file -----------------------------------------------------------------------------

@@ -35,6 +35,43 @@ class Producer:
         """Raise KernelError to fail the abort."""
 
 
+def new_root_fdt(profile: Profile, map_phys: int) -> bytearray:
+    """kho_out_fdt_setup (6.19+): the root FDT made at boot in its page, with the map's
+    address (7.1: the radix root; 7.0: 0 until a finalize)."""
+    sw = PageFdtSw(PAGE_SIZE)
+    sw.finish_reservemap()
+    sw.begin_node("")
+    sw.property_string("compatible", profile.compatible)
+    sw.property(PROP_PRESERVED_MEMORY_MAP, u64(map_phys))
+    sw.end_node()
+    return sw.finish()
+
+
+def add_subtree_in_place(buf: bytearray, profile: Profile, name: str, phys: int,
+                         size: int | None) -> "KernelError | None":
+    """6.19+ kho_add_subtree's edit of a root FDT page (fdt_open_into, fdt_add_subnode,
+    fdt_setprop, fdt_pack): children end up newest first. The kernel's error, if any; as
+    in the kernel, a failing setprop leaves the node in the FDT."""
+    if libfdt.fdt_open_into(buf, buf, PAGE_SIZE) < 0:
+        return KernelError(errno.ENOMEM, "the root FDT cannot be opened")
+    err = None
+    off = libfdt.fdt_add_subnode(buf, 0, name)
+    if off < 0:
+        err = KernelError(errno.EEXIST if off == -libfdt.EXISTS else errno.ENOMEM,
+                          f"subtree {name!r}: {libfdt.fdt_strerror(off)}")
+    else:
+        props = [(profile.sub_prop, u64(phys))]
+        if profile.blob_size:
+            props.append((PROP_BLOB_SIZE, u64(size)))
+        for pname, val in props:
+            ret = libfdt.fdt_setprop(buf, off, pname, val, len(val))
+            if ret < 0:
+                err = KernelError(fdt_errno(ret), f"subtree {name!r}: {libfdt.fdt_strerror(ret)}")
+                break
+    libfdt.fdt_pack(buf)
+    return err
+
+
 @dataclass
 class Blob:
     """A debugfs blob: a window of `size` bytes at `phys` (size fixed when created)."""
@@ -77,13 +114,7 @@ class KhoOut:
             return
         # kho_init: kho_alloc_preserve(PAGE_SIZE), then kho_out_fdt_setup.
         self.fdt_page = self.alloc_preserve(PAGE_SIZE)
-        sw = PageFdtSw(PAGE_SIZE)
-        sw.finish_reservemap()
-        sw.begin_node("")
-        sw.property_string("compatible", prof.compatible)
-        sw.property(PROP_PRESERVED_MEMORY_MAP, u64(self.track.root if prof.radix else 0))
-        sw.end_node()
-        self.mem.write(self.fdt_page, sw.finish())
+        self.mem.write(self.fdt_page, new_root_fdt(prof, self.track.root if prof.radix else 0))
         if prof.kexec_metadata:
             # kho_out_kexec_metadata: the release and count for the next kernel.
             self.metadata_phys = self.alloc_preserve(KEXEC_METADATA.size)
@@ -206,26 +237,10 @@ class KhoOut:
 
     def _add_subtree_in_place(self, name: str, phys: int, size: int | None) -> None:
         """6.19+: edit the live root FDT with libfdt; children end up newest first."""
-        prof = self.profile
-        buf = self._open_root()
-        err = None
-        off = libfdt.fdt_add_subnode(buf, 0, name)
-        if off < 0:
-            err = KernelError(errno.EEXIST if off == -libfdt.EXISTS else errno.ENOMEM,
-                              f"subtree {name!r}: {libfdt.fdt_strerror(off)}")
-        else:
-            props = [(prof.sub_prop, u64(phys))]
-            if prof.blob_size:
-                props.append((PROP_BLOB_SIZE, u64(size)))
-            for pname, val in props:
-                ret = libfdt.fdt_setprop(buf, off, pname, val, len(val))
-                if ret < 0:
-                    # The kernel hands the libfdt error back as is; the node stays.
-                    err = KernelError(fdt_errno(ret), f"subtree {name!r}: {libfdt.fdt_strerror(ret)}")
-                    break
+        buf = bytearray(self.mem.read(self.fdt_page, PAGE_SIZE))
+        err = add_subtree_in_place(buf, self.profile, name, phys, size)
         if err is None:
             self._debugfs_add("sub_fdts", name, phys, size)
-        libfdt.fdt_pack(buf)
         self.mem.write(self.fdt_page, buf)
         if err is not None:
             raise err

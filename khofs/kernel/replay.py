@@ -14,7 +14,8 @@ from functools import cached_property
 
 import libfdt
 
-from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
+from .fdt import check_header, getprop, node_check_compatible, prop_value_offset, subnodes, \
+    totalsize
 from .handover import Handover
 from .kexec import place_segment
 from .kho import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME,
@@ -42,9 +43,9 @@ class RecordingError(ValueError):
 
 @dataclass
 class Child:
-    """One root FDT child: where its blob lives and how big it is."""
+    """One root FDT child: where its blob lives (None: not recorded) and its bytes."""
     name: str
-    phys: int
+    phys: int | None
     data: bytes
 
 
@@ -70,6 +71,10 @@ class Recording:
     nodes: int | None = None
     source: str = ""                 # the snapshot, for the notes
     notes: list = field(default_factory=list)    # what the snapshot reader left out
+    # A 7.x root FDT rebuilt past the bytes out/fdt showed (their count), and its children
+    # whose address those bytes did not show: khofs places them.
+    shown: int | None = None
+    unplaced: list = field(default_factory=list)
 
     @cached_property
     def plan(self) -> Plan:
@@ -127,7 +132,8 @@ def _children(rec: Recording) -> list:
                                  f"blob-size says {int.from_bytes(size, 'little')}")
         if not v3 and fdt_problem(data):
             raise RecordingError(f"out/sub_fdts/{name}", f": {fdt_problem(data)}")
-        out.append(Child(name, int.from_bytes(prop, "little"), data))
+        phys = None if name in rec.unplaced else int.from_bytes(prop, "little")
+        out.append(Child(name, phys, data))
     return out
 
 
@@ -175,7 +181,8 @@ def _plan(rec: Recording) -> Plan:
     kids = _children(rec)
     mp = _map_phys(rec)
     regions = _reserve_mem_regions(kids)
-    placed = [(f"out/sub_fdts/{c.name}", c.phys, max(len(c.data), 1)) for c in kids]
+    placed = [(f"out/sub_fdts/{c.name}", c.phys, max(len(c.data), 1)) for c in kids
+              if c.phys is not None]
     if mp is not None:
         placed.append(("out/fdt's preserved-memory-map", mp, PAGE_SIZE))
     placed += [(f"out/sub_fdts/{MEMBLOCK_KHO_FDT}'s region {n!r}", p, s) for n, p, s in regions]
@@ -220,7 +227,8 @@ def _metadata_count(kids) -> int | None:
 def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -> Handover:
     """What the recorded kernel's successor receives; config is the next boot's MachineConfig."""
     pl = rec.plan
-    kids, mp, regions = pl.kids, pl.map_phys, pl.regions
+    kids, mp, regions = [Child(c.name, c.phys, c.data) for c in pl.kids], pl.map_phys, pl.regions
+    old = get_profile(rec.abi)
     if pl.extent > config.memory:
         raise RecordingError("", f"the recording reaches 0x{pl.extent:x}: --memory must be at "
                              f"least that (it is 0x{config.memory:x})")
@@ -228,7 +236,9 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
     memblock = Memblock(mem)
     memblock.reserve(0, SZ_1M)                       # firmware's, as on every boot
     for c in kids:
-        memblock.reserve(c.phys - c.phys % PAGE_SIZE, max(len(c.data), 1) + c.phys % PAGE_SIZE)
+        if c.phys is not None:
+            memblock.reserve(c.phys - c.phys % PAGE_SIZE,
+                             max(len(c.data), 1) + c.phys % PAGE_SIZE)
     for _, start, size in regions:
         memblock.reserve(start, size)
     if mp is not None:
@@ -241,13 +251,32 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
     # release's) leaves the root FDT in place longest, as after khofs kexec.
     root = _lowest_free_page(used, SZ_1M)
     memblock.reserve(root, PAGE_SIZE)
+    used.add(root, root + PAGE_SIZE)
+    fdt = bytearray(rec.fdt)
+    not_recorded = ["the contents of preserved memory: they read as zeros here"]
+    if rec.shown is not None:
+        not_recorded.append(f"the root FDT past the {rec.shown} bytes out/fdt showed (its size "
+                            "was fixed when the file was made): khofs rebuilt its "
+                            f"{len(fdt)} bytes the kernel's way")
+    for c in kids:
+        if c.phys is None:
+            # Their pages, like the root FDT's, from the bottom up; the address into the FDT.
+            c.phys = _lowest_free_page(used, SZ_1M)
+            size = -(-max(len(c.data), 1) // PAGE_SIZE) * PAGE_SIZE
+            used.add(c.phys, c.phys + size)
+            memblock.reserve(c.phys, size)
+            node = libfdt.Fdt(fdt).path_offset("/" + c.name)
+            prop = PROP_PRESERVED_DATA if old.radix else PROP_SUB_FDT
+            off = prop_value_offset(fdt, node, prop)
+            fdt[off:off + 8] = c.phys.to_bytes(8, "little")
+            not_recorded.append(f"where out/sub_fdts/{c.name} lived (past the bytes out/fdt "
+                                f"showed): khofs placed it at 0x{c.phys:x}")
     pages = PageAllocator(mem, memblock, scratch)
     kmalloc = Kmalloc(pages)
-    mem.write(root, rec.fdt)
+    mem.write(root, fdt)
     for c in kids:
         mem.write(c.phys, c.data)
 
-    old = get_profile(rec.abi)
     track = RadixTracker(mem, kmalloc) if old.radix else MemTracker(mem, kmalloc, old.preserve_bits)
     track.preserve_blocks(root >> PAGE_SHIFT, 1, 0)
     for c in kids:
@@ -256,7 +285,6 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
         track.preserve_pages(first, last - first + 1)
     for _, start, size in regions:
         track.preserve_pages(start >> PAGE_SHIFT, -(-size // PAGE_SIZE))
-    not_recorded = ["the contents of preserved memory: they read as zeros here"]
     if mp is not None:
         first, _ = track.serialize()
         # Only the root FDT points at the first chunk (or the radix root): move it there.

@@ -213,6 +213,33 @@ def test_a_copy_names_its_kernel(mount_khofs, tmp_path):
     assert r.returncode == 2 and "invalid choice: '6.99'" in r.stderr
 
 
+@pytest.mark.parametrize("abi", ["7.0", "7.1"])
+def test_a_copied_7x_tree_is_rebuilt(mount_khofs, tmp_path, abi):
+    """A 7.x kernel's out/fdt is cut at the size it had when made; a copy holds no more. The
+    rest of the root FDT is rebuilt the kernel's way and the successor revives from it."""
+    m = mount_khofs("--memory", "1G", "--abi", abi, cmdline=CMDLINE)
+    finalize(m)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", m.kho, copy], check=True)
+    shown = (copy / "out/fdt").read_bytes()
+    snap = tmp_path / "s"
+    r = khofs("record", snap, "--from", copy)
+    assert r.returncode == 0, r.stderr
+    assert f"(ABI {abi}, 2 sub-blob(s))" in r.stdout or f"(ABI {abi}, 3 sub-blob(s))" in r.stdout
+    new = mount_khofs("--replay", snap, cmdline=CMDLINE, name="new")
+    assert f"khofs: replay: not in the recording: the root FDT past the {len(shown)} bytes " \
+        "out/fdt showed" in new.result.stderr
+    assert "khofs: replay: not in the recording: where out/sub_fdts/" in new.result.stderr
+    in_fdt = read(os.path.join(new.kho, "in/fdt"))
+    assert in_fdt.startswith(shown) and len(in_fdt) > len(shown)
+    for name in os.listdir(copy / "out/sub_fdts"):
+        assert read(os.path.join(new.kho, "in/sub_fdts", name)) == \
+            (copy / "out/sub_fdts" / name).read_bytes()
+    log = kernel_log(new)
+    assert REVIVED in log
+    assert ("KHO: exec from: 7.1.0-khofs (count 1)" in log) == (abi == "7.1")
+
+
 def test_copy_without_a_sub_fdt(tmp_path, copied):
     _, copy = copied
     os.unlink(copy / "out/sub_fdts/memblock")

@@ -13,7 +13,7 @@ import pytest
 from khofs.devicetree.snapshot import (ROOT_FDT, VERSION, KhoTree, SnapshotError, load,
                                        recording, save)
 from khofs.fs.debugfs import Tree
-from khofs.kernel.fdt import totalsize
+from khofs.kernel.fdt import prop_value_offset, totalsize
 from khofs.kernel.machine import Machine, MachineConfig
 from khofs.kernel.profile import PROFILES
 from khofs.kernel.replay import RecordingError, profile_of_release, replay_handover
@@ -146,6 +146,10 @@ def edited(abi="6.18"):
     return kho_tree(boot(abi, "kho=on reserve_mem=4M:4096:oops"))
 
 
+def edited_from(machine):
+    return kho_tree(machine)
+
+
 def refusal(tree):
     with pytest.raises(SnapshotError) as ei:
         recording(tree, "snap")
@@ -173,12 +177,53 @@ def test_truncated_v3_blob_disagrees_with_blob_size():
                              "blob-size says 73")
 
 
-def test_short_7x_out_fdt_without_the_whole_fdt():
-    tree = edited("7.1")
+@pytest.mark.parametrize("abi,unseen", [("7.0", "kho_test"), ("7.1", "kexec-metadata")])
+def test_short_7x_out_fdt_is_rebuilt_the_kernels_way(abi, unseen):
+    """What a real 7.x kernel's debugfs shows (out/fdt cut at the size it had when made, no
+    extra/): the rest of the root FDT is rebuilt, each child the shown bytes do not place
+    goes to a free page, and the successor revives as from the whole FDT."""
+    old = boot(abi)
+    tree = edited_from(old)
     del tree.extra[ROOT_FDT]
-    msg = refusal(tree)
-    assert msg.startswith("kho/out/fdt: truncated FDT (")
-    assert msg.endswith("the rest of its FDT is not in debugfs")
+    tree.meta = {}                              # a plain copy: no release, no abi
+    shown = tree.files["out/fdt"]
+    rec = recording(tree, "snap")
+    assert rec.abi == abi and rec.unplaced == [unseen]
+    assert rec.notes == [] and rec.shown == len(shown)
+    nxt = successor(rec)
+    assert nxt.replay["not_recorded"][1] == (
+        f"the root FDT past the {len(shown)} bytes out/fdt showed (its size was fixed when the "
+        f"file was made): khofs rebuilt its {len(old.kho_out.root_fdt())} bytes the kernel's way")
+    fdt, subs = in_files(nxt)
+    assert fdt.startswith(shown) and len(fdt) == len(old.kho_out.root_fdt())
+    # Byte for byte the FDT the old kernel had, but for the address khofs chose.
+    prop = "preserved-data" if abi == "7.1" else "fdt"
+    real, got = libfdt.Fdt(old.kho_out.root_fdt()), bytearray(fdt)
+    off = prop_value_offset(got, libfdt.Fdt(got).path_offset("/" + unseen), prop)
+    got[off:off + 8] = bytes(real.getprop(real.path_offset("/" + unseen), prop))
+    assert bytes(got) == old.kho_out.root_fdt()
+    assert subs == {n: tree.files[f"out/sub_fdts/{n}"] for n in subs} and unseen in subs
+    placed = [n for n in nxt.replay["not_recorded"] if n.startswith("where out/sub_fdts/")]
+    assert len(placed) == 1 and placed[0].startswith(
+        f"where out/sub_fdts/{unseen} lived (past the bytes out/fdt showed): khofs placed it at 0x")
+    assert "Revived memory reservation 'oops' from KHO" in log(nxt)
+    if abi == "7.1":
+        assert f"KHO: exec from: {old.release} (count 1)" in log(nxt)
+
+
+def test_short_out_fdt_that_cannot_be_rebuilt():
+    tree = edited_from(boot("7.1"))
+    del tree.extra[ROOT_FDT]
+    tree.files["out/fdt"] = tree.files["out/fdt"][:80]          # the map's address is cut off
+    assert refusal(tree) == ("kho/out/fdt: truncated FDT (80 of the 353 bytes its header says), "
+                             "and khofs cannot rebuild the rest the 7.1 kernel's way: the map's "
+                             "address is not among the bytes shown")
+    tree = edited_from(boot("7.1"))
+    del tree.extra[ROOT_FDT]
+    # Not what the kernel makes: a 7.1 kernel's compatible is kho-v3.
+    tree.files["out/fdt"] = tree.files["out/fdt"].replace(b"kho-v3\0", b"kho-v9\0")
+    tree.meta["abi"] = "7.1"
+    assert refusal(tree).endswith("the kernel's edits do not give back the bytes shown")
 
 
 def test_garbage_out_fdt():
