@@ -204,15 +204,20 @@ def _plan(rec: Recording) -> Plan:
     return Plan(kids, mp, regions, max(ends))
 
 
-def _lowest_free_page(used: RangeSet, floor: int) -> int:
-    page = floor
+def _lowest_free(used: RangeSet, size: int, memory: int) -> int:
+    """The lowest page-aligned free run of size bytes above the first MiB; it becomes used."""
+    at = SZ_1M
     for start, end in used:
-        if end <= page:
+        if end <= at:
             continue
-        if start >= page + PAGE_SIZE:
+        if start >= at + size:
             break
-        page = -(-end // PAGE_SIZE) * PAGE_SIZE
-    return page
+        at = -(-end // PAGE_SIZE) * PAGE_SIZE
+    if at + size > memory:
+        raise RecordingError("", f"no free {size} bytes left in 0x{memory:x} of memory for what "
+                             "debugfs did not place (give more --memory)")
+    used.add(at, at + size)
+    return at
 
 
 def _metadata_count(kids) -> int | None:
@@ -249,9 +254,8 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
         used.add(a, e)
     # The lowest free page: the successor allocates top-down, so a map it misreads (another
     # release's) leaves the root FDT in place longest, as after khofs kexec.
-    root = _lowest_free_page(used, SZ_1M)
+    root = _lowest_free(used, PAGE_SIZE, mem.size)
     memblock.reserve(root, PAGE_SIZE)
-    used.add(root, root + PAGE_SIZE)
     fdt = bytearray(rec.fdt)
     not_recorded = ["the contents of preserved memory: they read as zeros here"]
     if rec.shown is not None:
@@ -261,9 +265,8 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
     for c in kids:
         if c.phys is None:
             # Their pages, like the root FDT's, from the bottom up; the address into the FDT.
-            c.phys = _lowest_free_page(used, SZ_1M)
             size = -(-max(len(c.data), 1) // PAGE_SIZE) * PAGE_SIZE
-            used.add(c.phys, c.phys + size)
+            c.phys = _lowest_free(used, size, mem.size)
             memblock.reserve(c.phys, size)
             node = libfdt.Fdt(fdt).path_offset("/" + c.name)
             prop = PROP_PRESERVED_DATA if old.radix else PROP_SUB_FDT
