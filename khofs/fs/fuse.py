@@ -130,6 +130,9 @@ class KhoOperations(pyfuse3.Operations):
         self._cached: set[int] = set()        # files whose pages the kernel may hold
         self._readers: dict[int, int] = {}    # open page-cache handles per file
         self._page_fhs: dict[int, int] = {}   # page-cache handle -> its file
+        # O_APPEND handle -> its file position. debugfs files write at the position (their
+        # ->write has no append mode), where FUSE sends an append at the stat size.
+        self._append_pos: dict[int, int] = {}
 
     def set_tree(self, tree: Tree) -> None:
         """Serve another boot's tree (after a kexec)."""
@@ -250,6 +253,8 @@ class KhoOperations(pyfuse3.Operations):
             raise KernelError(errno.EISDIR)
         fh = self._fh()
         self.handles[fh] = node.open()
+        if flags & os.O_APPEND:
+            self._append_pos[fh] = 0
         if self.page_cache and flags & os.O_ACCMODE == os.O_RDONLY:
             keep = inode in self._cached
             self._cached.add(inode)
@@ -270,7 +275,11 @@ class KhoOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         """FUSE WRITE: the write's result, after settling what the state change moved."""
         try:
-            return self.handles[fh].write(off, buf)
+            pos = self._append_pos.get(fh)
+            n = self.handles[fh].write(off if pos is None else pos, buf)
+            if pos is not None:
+                self._append_pos[fh] = pos + n
+            return n
         finally:
             await self.settle()
 
@@ -281,6 +290,7 @@ class KhoOperations(pyfuse3.Operations):
     def release(self, fh):
         """FUSE RELEASE: the last close of an open file."""
         self.handles.pop(fh, None)
+        self._append_pos.pop(fh, None)
         ino = self._page_fhs.pop(fh, None)
         if ino is not None:
             self._readers[ino] -= 1

@@ -315,3 +315,19 @@ def test_non_root_open_is_eacces(public_mount):
     assert r.returncode == 1
     assert "Permission denied" in r.stderr
     assert read(f"{m.out}/finalize") == b"0\n"
+
+
+@pytest.mark.parametrize("stat_size", ["content", "zero"])
+def test_append_to_a_blob_writes_at_the_file_position(mount_khofs, stat_size):
+    """debugfs blobs have a ->write with no append mode: `>>` writes at the open's position
+    (0), and one descriptor moves on from there; nothing loops on a zero-byte write."""
+    m = mount_khofs(*ISSUE_ARGS, "--stat-size", stat_size, cmdline=ISSUE_CMDLINE)
+    assert write_bytes(os.path.join(m.out, "finalize"), b"1") == 1
+    blob = os.path.join(m.out, "sub_fdts", "memblock")
+    before = read(blob)
+    r = sh(f"printf AB >> {blob}; printf CD >> {blob}", timeout=10)
+    assert r.returncode == 0, r.stderr
+    assert read(blob) == b"CD" + before[2:]
+    r = sh(f"exec 3>>{blob}; printf EF >&3; printf GH >&3", timeout=10)
+    assert r.returncode == 0, r.stderr
+    assert read(blob) == b"EFGH" + before[4:]
