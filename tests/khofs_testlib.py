@@ -1,5 +1,7 @@
-"""Helpers every suite shares: running the khofs command, and asking the kernel about mounts."""
+"""Helpers every suite shares: running the khofs command, asking the kernel about mounts,
+and cleaning up after a fixture."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -43,3 +45,12 @@ def wait_for(pred, timeout=10.0, what="condition", interval=0.01):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def cleaned_up(obj):
+    """obj for the with-block (a fixture's yield); obj.cleanup() runs whatever happened."""
+    try:
+        yield obj
+    finally:
+        obj.cleanup()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from khofs_testlib import cleaned_up
 from khoit import ISSUE_ARGS, ISSUE_CMDLINE, Mounter, PathMounts, read, write_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -19,30 +20,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def mount_khofs(tmp_path):
     """mount_khofs(*extra_args, cmdline="kho=on", name=None, check=True) -> Mount."""
-    m = Mounter(tmp_path)
-    try:
+    with cleaned_up(Mounter(tmp_path)) as m:
         yield m
-    finally:
-        m.cleanup()
 
 
 @pytest.fixture
 def path_mounts(tmp_path):
     """path_mounts(*args, name="mnt") -> realpath of a fresh khofs mount; always unmounted."""
-    m = PathMounts(tmp_path)
-    try:
+    with cleaned_up(PathMounts(tmp_path)) as m:
         yield m
-    finally:
-        m.cleanup()
 
 
 @pytest.fixture(scope="module")
 def module_mounter(tmp_path_factory):
-    m = Mounter(tmp_path_factory.mktemp("mnt"))
-    try:
+    with cleaned_up(Mounter(tmp_path_factory.mktemp("mnt"))) as m:
         yield m
-    finally:
-        m.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import tempfile
 import pytest
 
 import khofs_rel_support as sup
+from khofs_testlib import cleaned_up
 from khofs import runtime
 
 TEST_USER = "khofs-test"
@@ -141,11 +142,8 @@ class Mounter:
 
 @pytest.fixture
 def mounter(tmp_path):
-    m = Mounter(tmp_path)
-    try:
+    with cleaned_up(Mounter(tmp_path)) as m:
         yield m
-    finally:
-        m.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -186,6 +186,91 @@ def run_isolated(items, fn, timeout=2.5, parallel=2):
     return results
 
 
+# -- the ABI profiles (KHO-SPEC §0, §9; docs/abi-profiles.md) ---------------------------------
+FINALIZE_PROFILES = ["6.16", "6.18", "7.0"]          # 7.1 has no out/finalize
+COMPATIBLE = {"6.16": "kho-v1", "6.18": "kho-v1", "7.0": "kho-v1", "7.1": "kho-v3"}
+FOUND_LINE = {"6.16": "KHO: found kexec handover data. Will skip init for some devices",
+              "6.18": "KHO: found kexec handover data. Will skip init for some devices",
+              "7.0": "KHO: found kexec handover data.", "7.1": "KHO: found kexec handover data."}
+
+
+def revival_off_line(abi: str, err: int | None = None) -> str:
+    """kho_populate's failure line: 7.1 dropped the number (a prefix when err is None)."""
+    if abi == "7.1":
+        return "KHO: disabling KHO revival"
+    return "KHO: disabling KHO revival: " + ("" if err is None else str(err))
+
+
+def live_root_fdt(client) -> bytes:
+    """The root FDT as its page holds it now: whole, where 7.x's out/fdt shows a prefix (cut
+    at its totalsize, but never inside the header)."""
+    page = client.mem_read(client.call("memory_layout")["fdt_phys"], PAGE)
+    return page[:max(40, min(PAGE, int.from_bytes(page[4:8], "big")))]
+
+
+def _node_props(f, node) -> dict:
+    """{name: (offset of the value in the blob, value)} of one node's properties (libfdt)."""
+    import libfdt
+    props = {}
+    off = f.first_property_offset(node, (libfdt.NOTFOUND,))
+    while off >= 0:
+        p = f.get_property_by_offset(off)
+        props[p.name] = (f.off_dt_struct() + off + 12, bytes(p))
+        off = f.next_property_offset(off, (libfdt.NOTFOUND,))
+    return props
+
+
+def root_props(fdt: bytes) -> dict:
+    """{name: (offset of the value in fdt, value)} of the root node's properties."""
+    import libfdt
+    return _node_props(libfdt.Fdt(bytearray(fdt)), 0)
+
+
+def root_prop(fdt: bytes, name: str):
+    """The root node's property name (bytes), or None (also for an FDT libfdt refuses)."""
+    import libfdt
+    try:
+        return root_props(fdt).get(name, (None, None))[1]
+    except libfdt.FdtException:
+        return None
+
+
+def child_props(fdt: bytes) -> dict:
+    """{name: {property: (offset of the value in fdt, value)}} of the root's children, in FDT
+    order."""
+    import libfdt
+    f = libfdt.Fdt(bytearray(fdt))
+    out = {}
+    node = f.first_subnode(0, (libfdt.NOTFOUND,))
+    while node >= 0:
+        out[f.get_name(node)] = _node_props(f, node)
+        node = f.next_subnode(node, (libfdt.NOTFOUND,))
+    return out
+
+
+def subnodes(fdt: bytes) -> dict:
+    """{name: {property: value}} of the root node's children."""
+    return {n: {k: v for k, (_, v) in props.items()} for n, props in child_props(fdt).items()}
+
+
+def chunk_map_marks(read, first: int, phys: int, order: int = 0, bits: int = 4096 * 8) -> bool:
+    """Whether the serialized chunk list at `first` (KHO-SPEC §5) marks the order-`order` block
+    at phys; read(phys, size) reads memory."""
+    seen = set()
+    while first and first not in seen:
+        seen.add(first)
+        page = read(first, PAGE)
+        nxt, corder, num = struct.unpack_from("<QII", page)
+        if corder == order:
+            for i in range(min(num, 255)):
+                start, bitmap = struct.unpack_from("<QQ", page, 16 + 16 * i)
+                b = (phys - start) >> (order + 12)
+                if start <= phys and b < bits:
+                    return bool(read(bitmap + b // 8, 1)[0] >> (b % 8) & 1)
+        first = nxt
+    return False
+
+
 # -- oracles: lib/kstrtox.c and lib/cmdline.c ------------------------------------------------
 HEX = b"0123456789abcdefABCDEF"
 DIGITS = {8: b"01234567", 10: b"0123456789", 16: HEX}
@@ -217,12 +302,16 @@ def kstrtoull_oracle(s: bytes, base: int = 0):
     return ("ok", val)
 
 
-def finalize_write_oracle(data: bytes, finalized: bool):
+def finalize_write_oracle(data: bytes, finalized: bool, abi: str = "6.18"):
     """(expected write(2) result: len or -errno, finalized afterwards) for out/finalize:
-    simple_attr_write looks at min(len, 23) bytes, kstrtoull base 0, then the KHO state rule."""
+    simple_attr_write looks at min(len, 23) bytes, kstrtoull base 0, then the KHO state rule
+    of the profile (KHO-SPEC §2; §9 and kho-abi-notes §6.4 for 7.0)."""
     kind, v = kstrtoull_oracle(data[:23], 0)
     if kind == "err":
         return -v, finalized
+    if abi == "7.0":
+        # kho_out_finalize_set: nonzero re-serializes every time, 0 is EINVAL in any state.
+        return (len(data), True) if v else (-errno.EINVAL, finalized)
     if v:
         return (-errno.EEXIST, True) if finalized else (len(data), True)
     return (len(data), False) if finalized else (-errno.ENOENT, False)
