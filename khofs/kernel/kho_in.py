@@ -101,6 +101,11 @@ def preserved_runs(mem: PhysMem, fdt_phys: int, bits: int, log=None, profile: Pr
 def sub_fdt_entries(mem: PhysMem, fdt_phys: int, log, profile: Profile = DEFAULT):
     """kho_in_debugfs_init: one blob per root child with a valid subtree property."""
     fdt = mem.read(fdt_phys, PAGE_SIZE)
+    if fdt_phys + totalsize(fdt) > mem.size:
+        # in/fdt is a blob of the header's totalsize at fdt_phys, as the kernel makes it.
+        log(f"khofs: in/fdt at 0x{fdt_phys:x} ({totalsize(fdt)} bytes, as its header says) "
+            "runs past the end of memory: reading beyond it fails with EFAULT (a real kernel "
+            "would fault)")
     prop_name = profile.sub_prop
     out = []
     for name, off in subnodes(fdt, 0):

@@ -98,3 +98,16 @@ def test_kho_off_next_boot_does_not_look_at_sub_fdts():
     nxt = next_boot(m, "kho=off")
     assert nxt.kho_in is not None and nxt.kho_out is None
     assert not any("sub-FDT" in t for t in texts(nxt))
+
+
+def test_in_fdt_past_the_end_of_memory_is_said():
+    m = Machine("kho=on", MachineConfig(memory=1 << 30))
+    m.kho_out.set_finalize(1)
+    fdt = m.kho_out.fdt_page
+    m.mem.write(fdt + 4, (m.mem.size - fdt + 1).to_bytes(4, "big"))      # header totalsize
+    m.kexec_load()
+    ho = m.kexec_exec()
+    nxt = Machine(ho.cmdline, MachineConfig(**ho.config), ho)
+    assert f"khofs: in/fdt at 0x{fdt:x} ({m.mem.size - fdt + 1} bytes, as its header says) " \
+        "runs past the end of memory: reading beyond it fails with EFAULT (a real kernel " \
+        "would fault)" in [line.text for line in nxt.warnings()]
