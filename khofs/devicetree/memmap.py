@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..kernel.profile import get_profile
 from .dump import MemorySource, decode
+from ..kernel.rootfdt import rebuild
 from .snapshot import ROOT_FDT, KhoTree
 
 # The bands, top to bottom, and their titles.
@@ -167,6 +168,21 @@ def _side(lay: Layout, tree: KhoTree, side: str, root_phys, mem) -> None:
     sub_dir = f"{side}/sub_fdts"
     subs = {n: tree.read(f"{sub_dir}/{n}") for n in tree.listdir(sub_dir)
             if tree.read(f"{sub_dir}/{n}") is not None}
+    unseen = []
+    if len(blob) < size:
+        # A copy of a 7.x tree: the rest of the root FDT rebuilt the kernel's way, as
+        # khofs record does; where the children past the shown bytes live stays unknown.
+        shown = len(blob)
+        try:
+            blob, unseen = rebuild(blob, subs, get_profile(
+                lay.abi or ("7.1" if b"kho-v3\0" in blob else "7.0")))
+            where = (f", but where {', '.join(unseen)} "
+                     f"{'lives' if len(unseen) == 1 else 'live'} is not shown") if unseen else ""
+            lay.notes.append(f"{side}/fdt shows {shown} of the FDT's {size} bytes (its size "
+                             f"was fixed when the file was made); the rest rebuilt the "
+                             f"kernel's way{where}")
+        except ValueError:
+            pass                # decode() below says what is wrong with the bytes shown
     d = decode(blob, tree.where(path), mem, subs)
     if d["root"] is None:
         raise MapSourceError(f"{tree.where(path)}: {'; '.join(d['problems'])}")
@@ -175,7 +191,7 @@ def _side(lay: Layout, tree: KhoTree, side: str, root_phys, mem) -> None:
     for child in d["root"]["children"]:
         props = {p["name"]: p for p in child["properties"]}
         where = props.get("fdt") or props.get("preserved-data")
-        if where is None or where["kind"] != "u64":
+        if where is None or where["kind"] != "u64" or child["name"] in unseen:
             continue
         size = len(subs[child["name"]]) if child["name"] in subs else \
             (props["blob-size"]["value"] if "blob-size" in props else 0)

@@ -238,6 +238,15 @@ def test_a_copied_7x_tree_is_rebuilt(mount_khofs, tmp_path, abi):
     log = kernel_log(new)
     assert REVIVED in log
     assert ("KHO: exec from: 7.1.0-khofs (count 1)" in log) == (abi == "7.1")
+    # khofs map reads the copy the same way.
+    for source in (copy, snap):
+        r = khofs("map", source)
+        assert r.returncode == 0, r.stderr
+        note = [line for line in r.stdout.splitlines() if line.startswith("note: out/fdt shows")]
+        assert note == [f"note: out/fdt shows {len(shown)} of the FDT's {len(in_fdt)} bytes (its "
+                        "size was fixed when the file was made); the rest rebuilt the kernel's "
+                        f"way, but where {'kexec-metadata' if abi == '7.1' else 'kho_test'} "
+                        "lives is not shown"]
 
 
 def test_copy_without_a_sub_fdt(tmp_path, copied):
