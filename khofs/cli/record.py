@@ -84,7 +84,8 @@ def add_record(sub) -> None:
                    help=f"the kho/ directory (default {SYSTEM_KHO}), or a khofs mount point")
     r.add_argument("--abi", choices=list(PROFILES),
                    help="the recorded kernel's ABI profile, where the tree cannot tell (a copy: "
-                   "by default its release's, else 7.1 for kho-v3 and 6.18 for kho-v1)")
+                   "by default its release's, else 7.1 for kho-v3, 7.0 for a short kho-v1 "
+                   "out/fdt, 6.18 otherwise)")
     r.add_argument("--release", type=release_arg, metavar="R",
                    help="the recorded kernel's uname -r (a copy has none)")
     r.add_argument("--cmdline", help="the recorded kernel's command line (a copy has none; "
