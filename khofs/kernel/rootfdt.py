@@ -94,5 +94,6 @@ def rebuild(prefix: bytes, blobs: dict, profile: Profile) -> tuple[bytes, list]:
             raise ValueError(f"the kernel's edits fail on child {name!r}: {err.message}")
     whole = bytes(buf[:totalsize(buf)])
     if not whole.startswith(prefix):
-        raise ValueError("the kernel's edits do not give back the bytes shown")
+        extra = f" with {', '.join(unseen)} as the children not shown" if unseen else ""
+        raise ValueError(f"the kernel's edits{extra} do not give back the bytes shown")
     return whole, unseen

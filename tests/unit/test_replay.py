@@ -223,7 +223,15 @@ def test_short_out_fdt_that_cannot_be_rebuilt():
     # Not what the kernel makes: a 7.1 kernel's compatible is kho-v3.
     tree.files["out/fdt"] = tree.files["out/fdt"].replace(b"kho-v3\0", b"kho-v9\0")
     tree.meta["abi"] = "7.1"
-    assert refusal(tree).endswith("the kernel's edits do not give back the bytes shown")
+    assert refusal(tree).endswith("the kernel's edits with kexec-metadata as the children not "
+                                  "shown do not give back the bytes shown")
+    # A stray file in out/sub_fdts would be one more child: the message names them.
+    tree = edited_from(boot("7.1"))
+    del tree.extra[ROOT_FDT]
+    tree.files["out/sub_fdts/stray"] = b"x"
+    tree.modes["out/sub_fdts/stray"] = 0o400
+    assert refusal(tree).endswith("with kexec-metadata, stray as the children not shown do not "
+                                  "give back the bytes shown")
 
 
 def test_garbage_out_fdt():
