@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..kernel.profile import get_profile
 from .dump import MemorySource, decode
 from ..kernel.rootfdt import rebuild
-from .snapshot import ROOT_FDT, KhoTree
+from .snapshot import ROOT_FDT, KhoTree, creation_order
 
 # The bands, top to bottom, and their titles.
 KINDS = ("ram", "scratch", "reserve_mem", "preserved", "fdt")
@@ -175,14 +175,16 @@ def _side(lay: Layout, tree: KhoTree, side: str, root_phys, mem) -> None:
         shown = len(blob)
         try:
             blob, unseen = rebuild(blob, subs, get_profile(
-                lay.abi or ("7.1" if b"kho-v3\0" in blob else "7.0")))
+                lay.abi or ("7.1" if b"kho-v3\0" in blob else "7.0")), creation_order(tree))
             where = (f", but where {', '.join(unseen)} "
                      f"{'lives' if len(unseen) == 1 else 'live'} is not shown") if unseen else ""
             lay.notes.append(f"{side}/fdt shows {shown} of the FDT's {size} bytes (its size "
                              f"was fixed when the file was made); the rest rebuilt the "
                              f"kernel's way{where}")
-        except ValueError:
-            pass                # decode() below says what is wrong with the bytes shown
+        except ValueError as e:
+            raise MapSourceError(f"{tree.where(path)}: truncated FDT ({shown} of the {size} "
+                                 "bytes its header says), and khofs cannot rebuild the rest "
+                                 f"the kernel's way: {e}") from None
     d = decode(blob, tree.where(path), mem, subs)
     if d["root"] is None:
         raise MapSourceError(f"{tree.where(path)}: {'; '.join(d['problems'])}")
@@ -191,12 +193,13 @@ def _side(lay: Layout, tree: KhoTree, side: str, root_phys, mem) -> None:
     for child in d["root"]["children"]:
         props = {p["name"]: p for p in child["properties"]}
         where = props.get("fdt") or props.get("preserved-data")
-        if where is None or where["kind"] != "u64" or child["name"] in unseen:
+        if where is None or where["kind"] != "u64":
             continue
-        size = len(subs[child["name"]]) if child["name"] in subs else \
-            (props["blob-size"]["value"] if "blob-size" in props else 0)
-        label = f"{side}/sub_fdts/{child['name']}"
-        lay.regions.append(Region("fdt", where["value"], size, label))
+        if child["name"] not in unseen:         # where an unseen one lives is not known
+            size = len(subs[child["name"]]) if child["name"] in subs else \
+                (props["blob-size"]["value"] if "blob-size" in props else 0)
+            label = f"{side}/sub_fdts/{child['name']}"
+            lay.regions.append(Region("fdt", where["value"], size, label))
         sub = child.get("sub_fdt") or {}
         if sub.get("compatible") == "memblock-v1":
             known = {(r.label, r.start) for r in lay.regions if r.kind == "reserve_mem"}

@@ -46,6 +46,9 @@ class KhoTree:
     extra: dict = field(default_factory=dict)      # name -> bytes (extra/NAME)
     meta: dict = field(default_factory=dict)       # the manifest's source, release, cmdline, abi
     origin: str = "kho"                            # how messages name kho/: its path
+    # path -> mtime in ns: a debugfs file's is its creation time, the order the kernel added
+    # its subtree in (cp -a keeps it, the snapshot too)
+    mtimes: dict = field(default_factory=dict)
 
     def where(self, path: str) -> str:
         """How a message names the file at path."""
@@ -82,6 +85,7 @@ def read_dir(kho: str) -> KhoTree:
                     raise SnapshotError(f"{full}: not a regular file or directory (a kho/ "
                                         "tree has only those)")
                 tree.modes[_join(rel, n)] = st.st_mode & 0o7777
+                tree.mtimes[_join(rel, n)] = st.st_mtime_ns
                 if n in names:
                     with open(full, "rb") as f:
                         tree.files[_join(rel, n)] = f.read()
@@ -124,7 +128,7 @@ def recording(tree: KhoTree, source: str = "") -> Recording:
     if whole is None and _cut_short(shown) and get_profile(abi).fdt_at_boot:
         # 7.x: out/fdt keeps the size the FDT had when kho_init made the file.
         try:
-            fdt, unplaced = rebuild(shown, blobs, get_profile(abi))
+            fdt, unplaced = rebuild(shown, blobs, get_profile(abi), creation_order(tree))
         except ValueError as e:
             raise SnapshotError(
                 f"{tree.where('out/fdt')}: truncated FDT ({len(shown)} of the "
@@ -140,6 +144,14 @@ def recording(tree: KhoTree, source: str = "") -> Recording:
     except RecordingError as e:
         raise SnapshotError(tree.where(e.path) + e.rest if e.path else e.rest) from None
     return rec
+
+
+def creation_order(tree: KhoTree) -> dict | None:
+    """name -> creation time of each out/sub_fdts file, if they all tell one apart."""
+    made = {n: tree.mtimes.get(f"out/sub_fdts/{n}") for n in tree.listdir("out/sub_fdts")}
+    if None in made.values() or len(set(made.values())) != len(made):
+        return None
+    return made
 
 
 def _cut_short(fdt: bytes) -> bool:
@@ -180,7 +192,12 @@ def _abi(tree: KhoTree, fdt: bytes) -> str:
         return by_release
     if b"kho-v3\0" in fdt:
         return "7.1"
-    return "7.0" if _cut_short(fdt) and ROOT_FDT not in tree.extra else "6.18"
+    # 6.16-6.18 make out/fdt of the FDT's size when it is complete; 6.19+ keep the size it
+    # had at boot while the FDT grows (or shrinks, a subtree removed).
+    shown = tree.read("out/fdt")
+    if shown is not None and len(shown) >= FDT_HEADER.size and totalsize(shown) != len(shown):
+        return "7.0"
+    return "6.18"
 
 
 # -- the file -----------------------------------------------------------------------------
@@ -197,7 +214,8 @@ def save(tree: KhoTree, path: str) -> None:
                                                     format=tarfile.PAX_FORMAT) as tar:
             _add(tar, MANIFEST, 0o644, now, (json.dumps(manifest, indent=2) + "\n").encode())
             for p in sorted(tree.modes):
-                _add(tar, f"kho/{p}" if p else "kho", tree.modes[p], now, tree.files.get(p))
+                mtime = tree.mtimes[p] / 1e9 if p in tree.mtimes else now
+                _add(tar, f"kho/{p}" if p else "kho", tree.modes[p], mtime, tree.files.get(p))
             for name in sorted(tree.extra):
                 _add(tar, f"extra/{name}", 0o400, now, tree.extra[name])
             _add(tar, END, 0o644, now, b"")
@@ -289,5 +307,6 @@ def _member(path, tar, m, tree: KhoTree) -> None:
                             f"{MANIFEST}, kho/, extra/{'|'.join(EXTRA)} and {END}; files and "
                             "directories only)")
     tree.modes[rest] = m.mode & 0o7777
+    tree.mtimes[rest] = int(m.mtime * 1e9)
     if m.isfile():
         tree.files[rest] = tar.extractfile(m).read()

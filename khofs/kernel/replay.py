@@ -9,11 +9,13 @@ the root FDT page, the sub-blobs and the reserve_mem regions named in the memblo
 Everything else the recorded kernel preserved reads as zeros.
 """
 
+import errno
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 import libfdt
 
+from .errors import KernelError
 from .fdt import check_header, getprop, node_check_compatible, prop_value_offset, subnodes, \
     totalsize
 from .handover import Handover
@@ -120,13 +122,13 @@ def _children(rec: Recording) -> list:
     for name, off in subnodes(rec.fdt, 0):
         v3 = getprop(rec.fdt, off, PROP_PRESERVED_DATA) is not None
         prop = getprop(rec.fdt, off, PROP_PRESERVED_DATA if v3 else PROP_SUB_FDT)
-        if prop is None or len(prop) != 8:
+        size = getprop(rec.fdt, off, PROP_BLOB_SIZE)
+        if prop is None or len(prop) != 8 or (v3 and (size is None or len(size) != 8)):
             continue            # the successor skips such a node; nothing to place
         data = rec.blobs.get(name)
         if data is None:
             raise RecordingError("out/fdt", f" names subtree {name!r} but out/sub_fdts/{name} "
                                  "is not in the recording")
-        size = getprop(rec.fdt, off, PROP_BLOB_SIZE)
         if size is not None and len(size) == 8 and int.from_bytes(size, "little") != len(data):
             raise RecordingError(f"out/sub_fdts/{name}", f": {len(data)} bytes, but out/fdt's "
                                  f"blob-size says {int.from_bytes(size, 'little')}")
@@ -280,16 +282,23 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
     for c in kids:
         mem.write(c.phys, c.data)
 
-    track = RadixTracker(mem, kmalloc) if old.radix else MemTracker(mem, kmalloc, old.preserve_bits)
-    track.preserve_blocks(root >> PAGE_SHIFT, 1, 0)
-    for c in kids:
-        first = c.phys >> PAGE_SHIFT
-        last = (c.phys + max(len(c.data), 1) - 1) >> PAGE_SHIFT
-        track.preserve_pages(first, last - first + 1)
-    for _, start, size in regions:
-        track.preserve_pages(start >> PAGE_SHIFT, -(-size // PAGE_SIZE))
+    try:
+        track = RadixTracker(mem, kmalloc) if old.radix else \
+            MemTracker(mem, kmalloc, old.preserve_bits)
+        track.preserve_blocks(root >> PAGE_SHIFT, 1, 0)
+        for c in kids:
+            first = c.phys >> PAGE_SHIFT
+            last = (c.phys + max(len(c.data), 1) - 1) >> PAGE_SHIFT
+            track.preserve_pages(first, last - first + 1)
+        for _, start, size in regions:
+            track.preserve_pages(start >> PAGE_SHIFT, -(-size // PAGE_SIZE))
+        first = track.serialize()[0] if mp is not None else None
+    except KernelError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        raise RecordingError("", f"no free memory left in 0x{mem.size:x} for the memory map "
+                             "khofs writes (give more --memory)") from None
     if mp is not None:
-        first, _ = track.serialize()
         # Only the root FDT points at the first chunk (or the radix root): move it there.
         mem.write(mp, mem.read(first, PAGE_SIZE))
         mem.clear(first, PAGE_SIZE)

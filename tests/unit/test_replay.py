@@ -42,6 +42,7 @@ def kho_tree(machine) -> KhoTree:
                 walk(child, f"{rel}/{child.name}" if rel else child.name)
         else:
             tree.files[rel] = node.open().read(0, 1 << 20)
+            tree.mtimes[rel] = node.mtime          # debugfs: the file's creation time
     walk(t.resolve("kho"), "")
     fdt = tree.files.get("out/fdt")
     if fdt is not None and totalsize(fdt) > len(fdt):
@@ -225,13 +226,19 @@ def test_short_out_fdt_that_cannot_be_rebuilt():
     tree.meta["abi"] = "7.1"
     assert refusal(tree).endswith("the kernel's edits with kexec-metadata as the children not "
                                   "shown do not give back the bytes shown")
-    # A stray file in out/sub_fdts would be one more child: the message names them.
+
+
+
+def test_a_stray_file_in_a_short_7x_copy_is_left_out():
+    """The shown header's sizes leave no room for one more child: the stray file is not one."""
     tree = edited_from(boot("7.1"))
     del tree.extra[ROOT_FDT]
     tree.files["out/sub_fdts/stray"] = b"x"
     tree.modes["out/sub_fdts/stray"] = 0o400
-    assert refusal(tree).endswith("with kexec-metadata, stray as the children not shown do not "
-                                  "give back the bytes shown")
+    rec = recording(tree, "s")
+    assert rec.unplaced == ["kexec-metadata"]
+    assert successor(rec).replay["ignored"] == [
+        "out/sub_fdts/stray is not named in out/fdt: not handed over"]
 
 
 def test_garbage_out_fdt():
@@ -597,3 +604,124 @@ def test_summary_counts_only_handed_over_blobs():
     tree.files["out/sub_fdts/stray"] = tree.files["out/sub_fdts/memblock"]
     tree.modes["out/sub_fdts/stray"] = 0o400
     assert [c.name for c in recording(tree, "s").plan.kids] == ["memblock"]
+
+
+def _dtb(compat):
+    sw = libfdt.FdtSw()
+    sw.finish_reservemap()
+    sw.begin_node("")
+    sw.property_string("compatible", compat)
+    sw.end_node()
+    b = bytes(sw.as_fdt().as_bytearray())
+    return b[:int.from_bytes(b[4:8], "big")]
+
+
+@pytest.mark.parametrize("abi", ["7.0", "7.1"])
+@pytest.mark.parametrize("names", [("alpha", "beta"), ("alpha", "beta", "gamma"),
+                                   ("zyxwvutsrqponmlkjihg",), ("zeta", "mid", "big", "alpha"),
+                                   ("kho_t", "kho_x", "aaa")])
+@pytest.mark.parametrize("times", [True, False])
+def test_rebuilt_root_fdt_is_the_kernels(abi, names, times):
+    """Subtrees added after boot, in an order their names do not sort in, some cut off
+    whole, one cut in its name or its properties: with the files' creation times the rebuilt
+    FDT is the kernel's byte for byte but for the addresses it could not see; without
+    them it still starts with every byte shown."""
+    from khofs.kernel.producers.user import UserSubtree
+    old = boot(abi, "kho=on reserve_mem=4M:4096:oops khofs.test_kho=1")
+    for n in names:
+        UserSubtree(old.kho_out, n, _dtb(f"{n}-v1")).register(old.kho_out)
+    if abi == "7.0":
+        old.kho_out.set_finalize(1)
+    tree = kho_tree(old)
+    del tree.extra[ROOT_FDT]
+    if not times:
+        tree.mtimes = {}
+    rec = recording(tree, "s")
+    real = old.kho_out.root_fdt()
+    assert rec.fdt.startswith(tree.files["out/fdt"]) and len(rec.fdt) == len(real)
+    prop = "preserved-data" if abi == "7.1" else "fdt"
+    got, want = bytearray(rec.fdt), libfdt.Fdt(real)
+    for n in rec.unplaced:
+        off = prop_value_offset(got, libfdt.Fdt(got).path_offset("/" + n), prop)
+        got[off:off + 8] = bytes(want.getprop(want.path_offset("/" + n), prop))
+    if times:
+        assert bytes(got) == real
+    nxt = successor(rec)
+    assert sorted(in_files(nxt)[1]) == sorted(n.split("/")[-1] for n in tree.files
+                                              if n.startswith("out/sub_fdts/"))
+    assert "Revived memory reservation 'oops' from KHO" in log(nxt)
+
+
+def test_no_room_for_the_written_map_is_one_clear_error():
+    """Scratch areas fill every gap but three pages: the root FDT fits, the radix tree's
+    tables do not."""
+    tree = edited("7.1")
+    rec = recording(tree, "s")
+    pl = rec.plan
+    used = sorted([(c.phys & ~0xFFF, (c.phys + len(c.data) + 0xFFF) & ~0xFFF) for c in pl.kids] +
+                  [(pl.map_phys, pl.map_phys + 4096)] + [(s, s + n) for _, s, n in pl.regions])
+    gaps, at = [], (1 << 20) + 3 * 4096
+    for s, e in used:
+        if s > at:
+            gaps.append((at, s - at))
+        at = max(at, e)
+    if at < G:
+        gaps.append((at, G - at))
+    rec = recording(_with_scratch(tree, gaps), "s")
+    with pytest.raises(RecordingError, match=r"^no free memory left in 0x40000000 for the memory "
+                       r"map khofs writes \(give more --memory\)$"):
+        replay_handover(rec, CMDLINE, MachineConfig(memory=G), None)
+
+
+def test_a_71_child_without_blob_size_is_not_handed_over():
+    """A failed kho_add_subtree leaves the node with only preserved-data; the successor skips
+    it (no in/ file), so the recording needs no blob for it."""
+    tree = edited("7.1")
+    fdt = tree.extra[ROOT_FDT]
+    buf = bytearray(4096)
+    buf[:len(fdt)] = fdt
+    assert libfdt.fdt_open_into(buf, buf, 4096) == 0
+    node = libfdt.fdt_add_subnode(buf, 0, "leftover")
+    assert libfdt.fdt_setprop(buf, node, "preserved-data", (0x2000).to_bytes(8, "little"), 8) == 0
+    libfdt.fdt_pack(buf)
+    tree.extra[ROOT_FDT] = bytes(buf[:totalsize(buf)])
+    tree.files["out/fdt"] = tree.extra[ROOT_FDT][:len(tree.files["out/fdt"])]
+    nxt = successor(recording(tree, "s"))
+    assert "leftover" not in in_files(nxt)[1]
+    assert "KHO: node leftover missing or invalid blob-size property" in log(nxt)
+
+
+def test_a_70_copy_whose_out_fdt_outlived_a_removed_subtree_is_taken_for_70():
+    """7.0 keeps out/fdt's size from boot: after a subtree is added and removed it is longer
+    than the FDT, which 6.16-6.18 never show."""
+    from khofs.kernel.producers.user import UserSubtree
+    m = Machine("kho=on", MachineConfig(memory=G, abi="7.0"))
+    sub = UserSubtree(m.kho_out, "a", _dtb("a-v1"))
+    sub.register(m.kho_out)
+    sub.unregister(m.kho_out)
+    m.kho_out.set_finalize(1)
+    tree = kho_tree(m)
+    tree.meta = {}
+    assert totalsize(tree.files["out/fdt"]) < len(tree.files["out/fdt"])
+    assert recording(tree, "s").abi == "7.0"
+
+
+def test_map_of_a_short_70_copy_keeps_memblocks_regions_and_says_why_not():
+    from khofs.devicetree.memmap import MapSourceError, from_tree
+    from khofs.kernel.producers.user import UserSubtree
+    old = boot("7.0", "kho=on reserve_mem=4M:4096:oops")
+    for n in ("alpha", "beta"):
+        UserSubtree(old.kho_out, n, _dtb(f"{n}-v1")).register(old.kho_out)
+    old.kho_out.set_finalize(1)
+    tree = kho_tree(old)
+    del tree.extra[ROOT_FDT]
+    lay = from_tree(tree, "copy")
+    assert [(r.label, r.start, r.size) for r in lay.of("reserve_mem")] == \
+        [("oops", old.reserve_mem[0].start, 4 << 20)]
+    fdts = [r.label for r in lay.of("fdt")]
+    assert "out/sub_fdts/memblock" not in fdts and "out/sub_fdts/beta" in fdts
+    assert any(n.endswith("but where memblock, alpha live is not shown") for n in lay.notes)
+    tree.files["out/fdt"] = tree.files["out/fdt"].replace(b"kho-v1\0", b"kho-v9\0")
+    with pytest.raises(MapSourceError, match="cannot rebuild the rest the kernel's way: the "
+                       "kernel's edits with memblock, alpha as the children not shown"):
+        from_tree(tree, "copy")
