@@ -14,7 +14,8 @@ def _read_input(path: str) -> bytes:
         return f.read()
 
 
-def _load_blob(path: str) -> bytes:
+def _load_blob(path: str, c) -> bytes:
+    """An FDT as is, DTS compiled; on a kernel that takes any blob (kho-v3), other bytes as is."""
     data = _read_input(path)
     if data[:4] == b"\xd0\x0d\xfe\xed":
         return data
@@ -22,6 +23,9 @@ def _load_blob(path: str) -> bytes:
     try:
         return dts_to_dtb(data)
     except DtsError as e:
+        from ..kernel.profile import get_profile
+        if get_profile(c.status()["abi"]).blob_size:
+            return data
         raise ValueError(f"{'stdin' if path == '-' else path}: {e}") from None
 
 
@@ -59,7 +63,7 @@ def _ctl(args, c) -> int:
     elif a == "subtree":
         if args.sub_action == "add":
             r = c.call("subtree_add", name=args.name,
-                       blob=base64.b64encode(_load_blob(args.file)).decode(),
+                       blob=base64.b64encode(_load_blob(args.file, c)).decode(),
                        preserve=not args.no_preserve)
             print_result(args, r, f"0x{r['phys']:x}")
         elif args.sub_action == "remove":
@@ -112,9 +116,10 @@ def add_ctl(sub) -> None:
     x.add_argument("size", type=size_arg, help=SIZE_HELP)
     sb = csub.add_parser("subtree", help="a producer's sub-FDT")
     ssub = sb.add_subparsers(dest="sub_action", required=True)
-    x = ssub.add_parser("add", help="register NAME with a .dts or .dtb (or - for stdin)")
+    x = ssub.add_parser("add", help="register NAME with a .dts or .dtb, or on 7.1 any bytes "
+                        "(or - for stdin)")
     x.add_argument("name", help="the subtree's node name (out/sub_fdts/NAME)")
-    x.add_argument("file", help="a .dts or .dtb file, or - for stdin")
+    x.add_argument("file", help="a .dts or .dtb file (7.1: any file, raw bytes), or - for stdin")
     x.add_argument("--no-preserve", action="store_true",
                    help="do not preserve the blob's pages (the classic misuse)")
     x = ssub.add_parser("remove", help="unregister NAME")

@@ -201,3 +201,18 @@ def test_cross_release_kexec_through_a_mount(mount_khofs, tmp_path, src, dst):
                             else "KHO: disabling KHO revival: -22")
         # Nothing was preserved: the memory is free (zeros, or the new kernel's own data).
         assert mem_read(m.path, phys, len(data)) != data
+
+
+def test_71_subtree_add_takes_any_bytes(mount_khofs, tmp_path):
+    """kho-v3 hands over blobs of any format: `khofs ctl subtree add` sends a file that is
+    neither an FDT nor DTS as it is on 7.1, and refuses it, naming why, before 7.1."""
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(b"raw\0bytes\xff" * 3)
+    m = mount_khofs("--abi", "7.1", "--memory", "1G")
+    khofs("ctl", m, "subtree", "add", "rawb", raw)
+    assert read(os.path.join(m.out, "sub_fdts", "rawb")) == raw.read_bytes()
+    m = mount_khofs("--memory", "1G", name="m618")
+    r = khofs("ctl", m, "subtree", "add", "rawb", raw, check=False)
+    assert r.returncode == 1
+    assert r.stderr == f"khofs: {raw}: line 1: not DTS text (binary byte 0xff); a .dtb starts " \
+        "with d00dfeed\n".encode()

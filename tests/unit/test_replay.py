@@ -725,3 +725,12 @@ def test_map_of_a_short_70_copy_keeps_memblocks_regions_and_says_why_not():
     with pytest.raises(MapSourceError, match="cannot rebuild the rest the kernel's way: the "
                        "kernel's edits with memblock, alpha as the children not shown"):
         from_tree(tree, "copy")
+
+
+def test_a_name_libfdt_cannot_take_is_one_clear_error():
+    tree = edited("7.1")
+    del tree.extra[ROOT_FDT]
+    name = b"\xff".decode(errors="surrogateescape")         # how os.walk gives such a name
+    tree.files[f"out/sub_fdts/{name}"] = b"x"
+    tree.modes[f"out/sub_fdts/{name}"] = 0o400
+    assert refusal(tree).endswith("has a name that is not UTF-8, which no kernel node name is")
