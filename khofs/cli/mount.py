@@ -11,6 +11,8 @@ from .. import runtime
 from ..kernel.profile import DEFAULT_PROFILE, PROFILES
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, release_arg, size_arg
 
+DEFAULT_MEMORY = 4 << 30
+
 
 def cmd_mount(args) -> int:
     """khofs mount MNT: boot an emulated kernel and serve its debugfs there."""
@@ -32,7 +34,7 @@ def cmd_mount(args) -> int:
             return EXIT_FAIL
     args.cmdline = args.cmdline if args.cmdline is not None else "kho=on"
     args.abi = args.abi or DEFAULT_PROFILE
-    args.memory = args.memory or 4 << 30
+    args.memory = args.memory or DEFAULT_MEMORY
     args.nodes = args.nodes if args.nodes is not None else 1
     if args.foreground:
         return _mount_foreground(args, mnt)
@@ -49,7 +51,7 @@ def _replay_handover(args):
     rec = recording(load(path), path)
     memory = args.memory
     if memory is None:
-        memory, need = rec.memory or 4 << 30, rec.plan.extent
+        memory, need = rec.memory or DEFAULT_MEMORY, rec.plan.extent
         while memory < need:
             memory <<= 1
     nodes = args.nodes if args.nodes is not None else rec.nodes or max(1, len(rec.scratch) - 2)
@@ -264,7 +266,6 @@ def cmd_status(args) -> int:
     for line in replay_lines(st.get("replay")):
         print(f"replay:           {line}")
     return EXIT_OK
-
 
 
 
