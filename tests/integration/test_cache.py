@@ -140,15 +140,21 @@ def test_requests_one_cat_costs(mount_khofs, mode, per_cat):
     def ours():
         with open(log) as f:
             return re.findall(r"^khofs: (\w+) nodeid", f.read(), re.M)
-    before = len(ours())
+
+    # The kernel sends RELEASE after close(2) returns, so wait until every OPEN has its own.
+    def settled():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            seen = ours()
+            if seen.count("OPEN") == seen.count("RELEASE"):
+                return seen
+            time.sleep(0.01)
+        return ours()
+    before = len(settled())
     for _ in range(5):
         assert cat(fin) == b"0\n"
-    # RELEASE is sent once the file is closed; wait for the last one.
-    deadline = time.monotonic() + 5
-    while len(ours()) < before + 5 * len(per_cat) and time.monotonic() < deadline:
-        time.sleep(0.01)
     time.sleep(0.1)
-    assert ours()[before:] == per_cat * 5
+    assert settled()[before:] == per_cat * 5
 
 
 # -- no deadlock: readers and ls against toggles and control requests ----------------------
