@@ -29,7 +29,6 @@ def _load_blob(path: str, c) -> bytes:
         raise ValueError(f"{'stdin' if path == '-' else path}: {e}") from None
 
 
-
 def cmd_ctl(args) -> int:
     """khofs ctl MNT ACTION: one control request, its result printed."""
     from ..client import ControlError
@@ -42,7 +41,6 @@ def cmd_ctl(args) -> int:
     except (OSError, ValueError) as e:
         err(str(e))
         return EXIT_FAIL
-
 
 
 def _ctl(args, c) -> int:
@@ -89,7 +87,6 @@ def _ctl(args, c) -> int:
         r = c.call("log")
         print_result(args, r, "\n".join(r["lines"]))
     return EXIT_OK
-
 
 
 def add_ctl(sub) -> None:

@@ -47,7 +47,6 @@ def cmd_kexec(args) -> int:
     return EXIT_OK
 
 
-
 def add_kexec(sub) -> None:
     """The kexec subcommand."""
     k = sub.add_parser("kexec", help="kexec the emulated kernel (load and exec, or one step)",

@@ -233,7 +233,6 @@ def cmd_umount(args) -> int:
     return EXIT_OK
 
 
-
 def cmd_status(args) -> int:
     """khofs status MNT: what the emulated kernel is doing."""
     from ..client import ControlError
@@ -266,7 +265,6 @@ def cmd_status(args) -> int:
     for line in replay_lines(st.get("replay")):
         print(f"replay:           {line}")
     return EXIT_OK
-
 
 
 def add_mount(sub) -> None:

@@ -34,7 +34,6 @@ def split_mount_options(text: str) -> list[str]:
     return result
 
 
-
 def helper_argv(argv: list[str], commands=None) -> list[str] | None:
     """`khofs SOURCE MOUNTPOINT [-o OPTS]`, as mount.fuse runs it, as a `mount` command."""
     if commands is None:

@@ -121,7 +121,6 @@ def cmd_diff(args) -> int:
     return 1 if changes else EXIT_OK
 
 
-
 def add_dump(sub) -> None:
     """The dump subcommand."""
     d = sub.add_parser("dump", help="decode and check KHO FDTs (a file, or a mounted tree)",

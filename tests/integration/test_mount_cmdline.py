@@ -82,7 +82,6 @@ def test_reserve_mem_two_regions(mount_khofs):
     assert os.listdir(f"{m.out}/sub_fdts") == ["memblock"]
 
 
-
 @pytest.mark.parametrize("abi,expect", [
     ("6.18", None),                                          # strict: malformed, default
     ("6.16", b"0x1000000\n0x4000000\n0x1000000\n"),          # lenient: trailing text ignored

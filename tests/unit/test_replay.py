@@ -228,7 +228,6 @@ def test_short_out_fdt_that_cannot_be_rebuilt():
                                   "shown do not give back the bytes shown")
 
 
-
 def test_a_stray_file_in_a_short_7x_copy_is_left_out():
     """The shown header's sizes leave no room for one more child: the stray file is not one."""
     tree = edited_from(boot("7.1"))
