@@ -19,6 +19,7 @@ class Profile:
     blob_size: bool = False      # kho-v3: children carry blob-size, blobs of any format
     radix: bool = False          # preserved memory as the kho radix tree (7.1)
     kexec_metadata: bool = False  # the kexec-metadata subtree (7.1)
+    revival_errno: bool = True   # "disabling KHO revival: ERR" (the number went after v6.19)
 
     @property
     def found_line(self) -> str:
@@ -28,8 +29,10 @@ class Profile:
         return "KHO: found kexec handover data. Will skip init for some devices"
 
     def revival_line(self, err: int) -> str:
-        """kho_populate's failure line: 7.1 dropped the error number."""
-        return "KHO: disabling KHO revival" if self.radix else f"KHO: disabling KHO revival: {err}"
+        """kho_populate's failure line: from 7.0 on without the error number."""
+        if self.revival_errno:
+            return f"KHO: disabling KHO revival: {err}"
+        return "KHO: disabling KHO revival"
 
     @property
     def map_error_line(self) -> str:
@@ -42,10 +45,11 @@ class Profile:
 PROFILES = {
     "6.18": Profile("6.18", "6.18.0-khofs", 4096 * 8, True, True, True),
     "6.16": Profile("6.16", "6.16.0-khofs", 512 * 8, False, False, False),
-    "7.0": Profile("7.0", "7.0.0-khofs", 4096 * 8, True, False, True, fdt_at_boot=True),
+    "7.0": Profile("7.0", "7.0.0-khofs", 4096 * 8, True, False, True, fdt_at_boot=True,
+                   revival_errno=False),
     "7.1": Profile("7.1", "7.1.0-khofs", 4096 * 8, True, False, True, fdt_at_boot=True,
                    has_finalize=False, compatible="kho-v3", sub_prop="preserved-data",
-                   blob_size=True, radix=True, kexec_metadata=True),
+                   blob_size=True, radix=True, kexec_metadata=True, revival_errno=False),
 }
 DEFAULT_PROFILE = "6.18"
 
