@@ -17,8 +17,10 @@ import traceback
 import pyfuse3
 import trio
 
-from .debugfs import Dir, File, Node, Tree
+from .debugfs import AttrFile, Dir, File, Node, Tree
+from .oops import HeldLock, kill_oopsed, task_of
 from ..kernel.errors import KernelError
+from ..kernel.oops import LockHeld, Oops
 
 TTL = 60.0
 NAME_MAX = 255      # debugfs names: simple_lookup() refuses longer ones
@@ -73,6 +75,8 @@ def request(opcode: str, nodeid=None):
                 return fn(self, *args)
             except pyfuse3.FUSEError:
                 raise
+            except LockHeld as e:
+                await self.held_lock.sleep(e, opcode, self.tree.machine.release, log)
             except KernelError as e:
                 raise pyfuse3.FUSEError(e.errno) from None
             except Exception:
@@ -133,6 +137,7 @@ class KhoOperations(pyfuse3.Operations):
         # O_APPEND handle -> its file position. debugfs files write at the position (their
         # ->write has no append mode), where FUSE sends an append at the stat size.
         self._append_pos: dict[int, int] = {}
+        self.held_lock = HeldLock(lambda: self.tree.machine.kho_out, trio.Event)
 
     def set_tree(self, tree: Tree) -> None:
         """Serve another boot's tree (after a kexec)."""
@@ -166,6 +171,7 @@ class KhoOperations(pyfuse3.Operations):
         `root` and of files whose size changed, and, with the page cache, what it cached."""
         tree = self.tree
         tree.sync()
+        self.held_lock.wake()        # a kexec ends the lock an oops left held
         entries = [(p, n, None) for p, n in stale] + tree.take_removed()
         inodes = [root] if root is not None else []
         for ino, size in list(self._sizes.items()):
@@ -252,7 +258,9 @@ class KhoOperations(pyfuse3.Operations):
         if not isinstance(node, File):
             raise KernelError(errno.EISDIR)
         fh = self._fh()
-        self.handles[fh] = node.open()
+        # An attribute write may oops the kernel, which then kills its task.
+        writes = isinstance(node, AttrFile) and flags & os.O_ACCMODE != os.O_RDONLY
+        self.handles[fh] = node.open(task_of(ctx)) if writes else node.open()
         if flags & os.O_APPEND:
             self._append_pos[fh] = 0
         if self.page_cache and flags & os.O_ACCMODE == os.O_RDONLY:
@@ -274,12 +282,18 @@ class KhoOperations(pyfuse3.Operations):
     @request("WRITE", _file_ino)
     async def write(self, fh, off, buf):
         """FUSE WRITE: the write's result, after settling what the state change moved."""
+        handle = self.handles[fh]
         try:
             pos = self._append_pos.get(fh)
-            n = self.handles[fh].write(off if pos is None else pos, buf)
+            n = handle.write(off if pos is None else pos, buf)
             if pos is not None:
                 self._append_pos[fh] = pos + n
             return n
+        except Oops as e:
+            for line in e.lines:
+                log(f"kernel: {line}")
+            kill_oopsed(e, log)
+            raise
         finally:
             await self.settle()
 
