@@ -76,7 +76,10 @@ def request(opcode: str, nodeid=None):
             except pyfuse3.FUSEError:
                 raise
             except LockHeld as e:
-                await self.held_lock.sleep(e, opcode, self.tree.machine.release, log)
+                try:
+                    await self.held_lock.sleep(e, opcode, self.tree.machine.release, log)
+                except KernelError as woken:
+                    raise pyfuse3.FUSEError(woken.errno) from None
             except KernelError as e:
                 raise pyfuse3.FUSEError(e.errno) from None
             except Exception:
