@@ -174,6 +174,17 @@ def test_70_after_the_oops_every_taker_of_kho_out_lock_would_sleep():
     m.kho_out.preserve_pages(p, PAGE_SIZE)
 
 
+def test_70_the_test_module_loaded_after_the_oops_would_sleep_too():
+    m = Machine("kho=on", MachineConfig(memory=G, abi="7.0"))
+    write_out_fdt(m)
+    _, fin = files(m)
+    with pytest.raises(Oops):
+        fin.open(WRITER).write(0, b"1")
+    with pytest.raises(LockHeld) as e:
+        m.start_test_kho()                         # its init calls kho_add_subtree
+    assert e.value.what == "kho_add_subtree"
+
+
 def test_70_kexec_after_the_oops_is_rejected_and_the_next_kernel_is_clean():
     m, _, _ = oopsed()
     n = kexec(m)
