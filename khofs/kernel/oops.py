@@ -20,6 +20,7 @@ FUNCTION = "kho_finalize"
 TAINT_AFTER_OOPS = "G      D"
 CAUSE_OUT_FDT = "a write into out/fdt corrupted the live root FDT"
 CAUSE_OTHER = "the live root FDT was corrupted (not through out/fdt)"
+FDT_MAGIC = bytes.fromhex("d00dfeed")
 # The callers of kho_finalize on a write of out/finalize, innermost first (x86_64).
 CALL_TRACE = ("kho_out_finalize_set", "simple_attr_write_xsigned", "debugfs_attr_write",
               "full_proxy_write", "vfs_write", "ksys_write", "do_syscall_64",
@@ -92,8 +93,9 @@ def oops_lines(task: Task, release: str) -> list[str]:
 
 def cause_line(record: OopsRecord) -> str:
     """khofs's own line naming the misuse behind the oops."""
-    return (f"khofs: oops cause: {record.cause} (its first bytes are now "
-            f"{record.magic.hex(' ')}, not d0 0d fe ed): {FUNCTION} found no "
+    what = (f"its first bytes are now {record.magic.hex(' ')}, not d0 0d fe ed"
+            if record.magic != FDT_MAGIC else "libfdt no longer finds its properties")
+    return (f"khofs: oops cause: {record.cause} ({what}): {FUNCTION} found no "
             "preserved-memory-map and stored the map's address through NULL; the writer was "
             "killed and kho_out.lock stays held until a kexec or a reboot")
 

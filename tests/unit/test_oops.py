@@ -202,16 +202,28 @@ def test_70_oops_follows_libfdt_not_the_write():
     # address is stored and the next kernel judges the rest.
     m = boot("7.0")
     blob = m.kho_out.blobs("out")[0]
-    page = m.mem.read(m.kho_out.fdt_page, PAGE_SIZE)
-    at = page.index(b"kho-v1")
-    write_out_fdt(m, b"x")                         # one byte back in place below
-    m.mem.write(m.kho_out.fdt_page, page[:1])
-    Tree(m).lookup(Tree(m).out, "fdt").open().write(at, b"kho-v9")
+    at = m.mem.read(m.kho_out.fdt_page, PAGE_SIZE).index(b"kho-v1")
+    t = Tree(m)
+    assert t.lookup(t.out, "fdt").open().write(at, b"kho-v9") == 6
     assert blob.written
     _, fin = files(m)
     fin.open(WRITER).write(0, b"1")
     assert m.kho_out.oops is None and m.kho_out.preserved_mem_map != 0
     assert kho_lines(kexec(m))[0].endswith("is incompatible with 'kho-v1': 1")
+
+
+def test_70_a_good_magic_with_a_broken_structure_still_oopses_and_says_so():
+    m = boot("7.0")
+    page = m.mem.read(m.kho_out.fdt_page, PAGE_SIZE)
+    # off_dt_strings past the end: every property name lookup fails.
+    write_out_fdt(m, page[:12] + (0xFFFF).to_bytes(4, "big"))
+    _, fin = files(m)
+    with pytest.raises(Oops) as e:
+        fin.open(WRITER).write(0, b"1")
+    assert e.value.record.cause == CAUSE_OUT_FDT
+    assert e.value.lines[-1].startswith(
+        "khofs: oops cause: a write into out/fdt corrupted the live root FDT (libfdt no longer "
+        "finds its properties): kho_finalize found no preserved-memory-map")
 
 
 def test_70_corruption_not_through_out_fdt_is_named_so():
