@@ -217,14 +217,11 @@ class Control:
         if name in taken:
             raise BadRequest(f"a subtree named {name!r} is already registered", errno.EEXIST)
         producer = UserSubtree(kho, name, blob, preserve)
-        if kho.profile.fdt_at_boot:
-            try:
-                producer.register(kho)     # the kernel answers a taken name with EEXIST
-            except KernelError:
-                producer.release(kho)
-                raise
-        else:
-            kho.register_notifier(producer)
+        try:
+            kho.add_producer(producer)     # the kernel answers a taken name with EEXIST
+        except KernelError:
+            producer.release(kho)
+            raise
         self.subtrees[name] = producer
         return {"phys": producer.phys}
 
@@ -235,14 +232,8 @@ class Control:
         producer = self.subtrees.get(name)
         if producer is None:
             raise BadRequest(f"no subtree named {name!r} was added", errno.ENOENT)
-        kho = self._kho()
-        if kho.profile.fdt_at_boot:
-            producer.unregister(kho)
-            producer.release(kho)
-        else:
-            kho.unregister_notifier(producer)
-            if not kho.finalized:
-                producer.release(kho)
+        if self._kho().remove_producer(producer):
+            producer.release(self._kho())
         del self.subtrees[name]
 
     @command("subtree_list")

@@ -14,7 +14,6 @@ from .radix import RadixTracker
 from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, PageAllocator, PhysMem
 from .profile import Profile
 
-KHO_FDT_COMPATIBLE = "kho-v1"
 PROP_PRESERVED_MEMORY_MAP = "preserved-memory-map"
 PROP_SUB_FDT = "fdt"
 PROP_BLOB_SIZE = "blob-size"
@@ -33,6 +32,12 @@ class Producer:
 
     def abort(self, kho: "KhoOut") -> None:
         """Raise KernelError to fail the abort."""
+
+    def init_subtree(self, kho: "KhoOut") -> None:
+        """6.19+: preserve and kho_add_subtree() when the user comes up, not at finalize."""
+
+    def remove_subtree(self, kho: "KhoOut") -> None:
+        """6.19+: kho_remove_subtree() and give back what init_subtree preserved."""
 
 
 def new_root_fdt(profile: Profile, map_phys: int) -> bytearray:
@@ -208,6 +213,23 @@ class KhoOut:
         """unregister_kho_notifier."""
         self.producers.remove(producer)
 
+    def add_producer(self, producer: Producer, first: bool = False) -> None:
+        """A KHO user comes up: from 6.19 its subtree goes in now, before that at finalize
+        (on the notifier chain, first in line if asked)."""
+        if self.profile.fdt_at_boot:
+            producer.init_subtree(self)
+        else:
+            self.register_notifier(producer, first)
+
+    def remove_producer(self, producer: Producer) -> bool:
+        """A KHO user goes away. True when no handover points at its pages any more (a
+        finalized root FDT before 6.19 still does)."""
+        if self.profile.fdt_at_boot:
+            producer.remove_subtree(self)
+            return True
+        self.unregister_notifier(producer)
+        return not self.finalized
+
     def _debugfs_add(self, dirname: str, name: str, phys: int, size: int | None = None) -> None:
         if any(b.name == name and d == dirname for d, b in self.fdt_list):
             raise KernelError(errno.EEXIST, f"debugfs entry {dirname}/{name} exists")
@@ -282,7 +304,7 @@ class KhoOut:
         try:
             sw.finish_reservemap()
             sw.begin_node("")
-            sw.property_string("compatible", KHO_FDT_COMPATIBLE)
+            sw.property_string("compatible", self.profile.compatible)
             sw.property(PROP_PRESERVED_MEMORY_MAP, u64(0))    # placeholder, patched below
             self.preserve_folio(self.fdt_page, 0)
             for p in self.producers:

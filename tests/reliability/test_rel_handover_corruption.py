@@ -57,7 +57,7 @@ def build_base(kind):
         else:
             # 6.19+: the subtree goes in at registration; kho-v3 takes any blob, not only FDTs.
             blob = sup.small_dtb("rel-v1", {"n": 7}) if abi == "7.0" else b"rel-v3 any blob " * 9
-            UserSubtree(kho, "relsub", blob).register(kho)
+            UserSubtree(kho, "relsub", blob).init_subtree(kho)
     kho = m.kho_out
     if abi != "7.1":                        # 7.1 has nothing to finalize
         kho.set_finalize(1)
@@ -426,7 +426,7 @@ def run_case(base, muts):
     if abi == "7.1":
         problems += check_71(page, kinds, meta, m2, tree, dmesg, intact)
         try:
-            UserSubtree(m2.kho_out, "after", b"added after the handover").register(m2.kho_out)
+            UserSubtree(m2.kho_out, "after", b"added after the handover").init_subtree(m2.kho_out)
         except KernelError as e:
             if e.errno != errno.ENOMEM:
                 problems.append(f"the next kernel cannot add a subtree: {e}")
