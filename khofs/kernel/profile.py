@@ -119,15 +119,6 @@ def kernel_name(abi: str | None, release: str | None) -> str:
     return abi or release_profile_name(release) or DEFAULT_PROFILE
 
 
-def kernels_differ(abi: str | None, release: str | None) -> str | None:
-    """Why an explicit abi and a release contradict each other, or None."""
-    named = release_profile_name(release)
-    if abi is None or named is None or named == abi:
-        return None
-    what = "a kernel without KHO" if named == NO_KHO else f"ABI {named}"
-    return f"--abi {abi} contradicts --release {release}, which is {what}"
-
-
 # Every (phys, len) pair of out/ file names a release has used for the scratch areas.
 SCRATCH_FILE_PAIRS = tuple(dict.fromkeys(p.scratch_files for p in PROFILES.values()))
 
