@@ -394,7 +394,7 @@ def test_1_tib_of_order_0_pages_is_cheap_in_the_radix_tree():
 
 @pytest.mark.parametrize("src,dst", list(CROSS), ids=[f"{s}-to-{d}" for s, d in CROSS])
 def test_cross_release_kexec(src, dst):
-    accepted, map_ok = CROSS[(src, dst)]
+    accepted, map_ok, rejection = CROSS[(src, dst)]
     m = boot(src, "kho=on reserve_mem=1M:4096:test_resv")
     p = m.pages.alloc_range(2)
     m.kho_out.preserve_pages(p, 2 * PAGE_SIZE)
@@ -412,11 +412,14 @@ def test_cross_release_kexec(src, dst):
         clean = not any(t.startswith(("khofs:", "KHO: failed")) for t in lines)
         assert clean == map_ok
     else:
-        want = "kho-v3" if dst == "7.1" else "kho-v1"
+        want, revival = rejection
         assert lines[0].startswith("KHO: setup: handover FDT (0x")
         assert lines[0].endswith(f"is incompatible with '{want}': 1")
-        assert lines[1] == n.profile.revival_line(-errno.EINVAL)
+        assert lines[1] == revival == n.profile.revival_line(-errno.EINVAL)
         assert not n.preserved.contains(p, p + PAGE_SIZE)
+    metadata = [t for t in lines if t.startswith("KHO: exec from:")]
+    assert metadata == ([f"KHO: exec from: {m.release} (count 1)"]
+                        if accepted and n.profile.kexec_metadata else [])
 
 
 def test_70_unfinalized_into_618_is_accepted_with_nothing_preserved():
