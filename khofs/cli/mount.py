@@ -106,19 +106,18 @@ def _serve_locked(args, mnt) -> int:
         report(fd, error=str(e))
         err(str(e))
         return EXIT_USAGE
-    machine = host.machine
+    told = host.boot_report()
     if fd is not None:
-        from ..kernel.replay import replay_lines
-        for line in replay_lines(machine.replay):
+        for line in told["replay"]:
             report(fd, stderr=f"khofs: replay: {line}")
-        for line in machine.warnings():
-            report(fd, stderr=f"kernel: {line.text}")
-        for why in machine.ignored:
+        for line in told["warnings"]:
+            report(fd, stderr=f"kernel: {line}")
+        for why in told["ignored"]:
             report(fd, stderr=f"khofs: {why}")
-        for note in machine.kexec_notes:
+        for note in told["kexec_notes"]:
             report(fd, stderr=f"khofs: kexec: {note}")
     else:
-        for why in machine.ignored:
+        for why in told["ignored"]:
             err(why)
     opts = [o for o in (args.options or "").split(",") if o]
     daemon = Daemon(mnt, host, stat_size=args.stat_size, fuse_options=opts,

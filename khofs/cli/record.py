@@ -1,5 +1,6 @@
 """khofs record: keep a kho/ debugfs tree (a real kernel's, a copy, a khofs mount's) in a file."""
 
+import base64
 import os
 import time
 
@@ -14,7 +15,6 @@ def _source(kho: str, tree) -> None:
     """What the tree's source can tell beyond debugfs: release, cmdline, ABI, whole root FDT."""
     from ..devicetree.snapshot import ROOT_FDT
     from ..kernel.fdt import totalsize
-    from ..kernel.profile import get_profile
     mnt = _mount_of(kho)
     if mnt is not None:
         with client(mnt) as c:
@@ -25,10 +25,10 @@ def _source(kho: str, tree) -> None:
             fdt = tree.read("out/fdt")
             # 7.x sizes out/fdt once, when it makes the file, and shows none after a kexec;
             # the FDT itself lives on in its page.
-            if get_profile(st["abi"]).fdt_at_boot and st["kho_enabled"] and (
-                    fdt is None or len(fdt) < 8 or totalsize(fdt) > len(fdt)):
-                phys = c.call("memory_layout")["fdt_phys"]
-                tree.extra[ROOT_FDT] = c.mem_read(phys, totalsize(c.mem_read(phys, 8)))
+            if fdt is None or len(fdt) < 8 or totalsize(fdt) > len(fdt):
+                whole = c.call("root_fdt")["fdt"]
+                if whole is not None:
+                    tree.extra[ROOT_FDT] = base64.b64decode(whole)
         return
     if os.path.realpath(kho) == os.path.realpath(SYSTEM_KHO):
         with open("/proc/cmdline", "rb") as f:

@@ -139,6 +139,13 @@ class Control:
         """Request status: the kernel's status."""
         return self.m.status()
 
+    @command("root_fdt")
+    def root_fdt(self, req):
+        """Request root_fdt: the whole root FDT, base64, when the kernel keeps one beyond
+        what out/fdt shows (6.19+); null otherwise."""
+        fdt = self.m.root_fdt()
+        return {"fdt": None if fdt is None else base64.b64encode(fdt).decode()}
+
     @command("memory_layout")
     def memory_layout(self, req):
         """Request memory_layout: what `khofs map` needs beyond debugfs."""

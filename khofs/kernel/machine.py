@@ -344,9 +344,18 @@ class Machine:
             "preserved_bytes": out.track.preserved_bytes() if out else 0,
             "incoming_preserved_bytes": self.preserved.total(),
             "image_loaded": self.image is not None,
+            # the kernel hands over blobs of any format (kho-v3's blob-size), not only FDTs
+            "any_blob": bool(self.profile and self.profile.blob_size),
             "kexec_notes": self.kexec_notes,
             "replay": self.replay,
         }
+
+    def root_fdt(self) -> bytes | None:
+        """The whole root FDT when this kernel keeps it live beyond what out/fdt shows (6.19+:
+        out/fdt is sized once, and gone after a kexec); None otherwise."""
+        if self.kho_out is None or not self.profile.fdt_at_boot:
+            return None
+        return self.kho_out.root_fdt()
 
     def memory_layout(self) -> dict:
         """What debugfs does not show of the physical layout (for khofs map)."""
