@@ -180,3 +180,34 @@ def test_a_profile_only_the_table_knows_mounts_and_kexecs(mount_khofs, tmp_path)
     assert lines == ["KHO: found kexec handover data.", "Revived memory reservation 'r' from KHO",
                      "KHO: exec from: 9.9.2 (count 1)"]
     assert status(path)["abi"] == "9.9"
+
+
+COLD_CMDLINE = "kho=on reserve_mem=1M:4096:test_resv khofs.test_kho=1"
+
+
+@pytest.mark.parametrize("abi,scratch", [("7.2", "scratch"), ("7.4", "bootmem")])
+def test_cold_boot_tree_as_a_shell_sees_it(mount_khofs, abi, scratch):
+    m = mount_khofs("--abi", abi, "--memory", "1G", cmdline=COLD_CMDLINE)
+    ref = mount_khofs("--abi", "7.1", "--memory", "1G", cmdline=COLD_CMDLINE, name="ref")
+    r = subprocess.run(["bash", "-c", f"cd {m.kho} && ls -l out out/sub_fdts | "
+                        "awk '{print $1, $5, $9}'"], capture_output=True, text=True, check=True)
+    files = sorted([("fdt", "233"), (f"{scratch}_len", "25"), (f"{scratch}_phys", "33")])
+    assert [line.strip() for line in r.stdout.splitlines()] == [
+        "out:", "total"] + [f"-r-------- {size} {name}" for name, size in files] + [
+        "drwxr-xr-x 0 sub_fdts", "",
+        "out/sub_fdts:", "total",
+        "-r-------- 73 kexec-metadata",
+        "-r-------- 240 kho_test",
+        "-r-------- 214 memblock"]
+    # the areas are 7.1's scratch areas under their 7.4 names
+    assert read(os.path.join(m.out, f"{scratch}_phys")) == read(os.path.join(ref.out,
+                                                                            "scratch_phys"))
+    # out/fdt: the first 233 of the 353 bytes the root FDT has now, as in 7.1
+    shown = read(os.path.join(m.out, "fdt"))
+    assert struct.unpack(">I", shown[4:8])[0] == 353 and shown.count(b"kho-v4\0") == 1
+    md = read(os.path.join(m.out, "sub_fdts", "kexec-metadata"))
+    assert md == struct.pack("<I", 1) + f"{abi}.0-khofs".encode().ljust(65, b"\0") + \
+        struct.pack("<I", 1)
+    r = subprocess.run(["bash", "-c", f"echo 1 > {m.out}/finalize"], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "Permission denied" in r.stderr

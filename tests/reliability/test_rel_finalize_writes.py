@@ -264,7 +264,7 @@ def test_71_writes_to_the_tree(mounter, abi):
                 os.open(f"{out}/{old}", os.O_WRONLY)
             with pytest.raises(PermissionError):
                 os.open(f"{out}/{old}", os.O_WRONLY | os.O_CREAT, 0o600)
-    cases = sup.collect_examples(example_71, 700 if abi == "7.1" else 300, seed=0x6B686F37)
+    cases = sup.collect_examples(example_71, 700, seed=0x6B686F37)
     failures = []
     for target, mode, writes in cases:
         target = names.get(target, target)

@@ -576,8 +576,8 @@ GROUPS = {
     "7.0": (BASE_KINDS_70, example_70, "handover_corruptions_70.txt", 600, 0x6B686F70),
     "7.1": (BASE_KINDS_71, example_71, "handover_corruptions_71.txt", 600, 0x6B686F71),
     # kho-v4 (7.2) and boot memory (7.4): 7.1's corruptions against their own bases
-    "7.2": (["7.2"], example_71, "handover_corruptions_71.txt", 300, 0x6B686F72),
-    "7.4": (["7.4"], example_71, "handover_corruptions_71.txt", 300, 0x6B686F74),
+    "7.2": (["7.2"], example_71, "handover_corruptions_71.txt", 600, 0x6B686F72),
+    "7.4": (["7.4"], example_71, "handover_corruptions_71.txt", 600, 0x6B686F74),
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 import khofs
 from khofs.fs.debugfs import Tree
 from khofs.kernel import profile as profile_mod
+from khofs.kernel.fdt import subnodes
 from khofs.kernel.handover import Handover
 from khofs.kernel.machine import Machine, MachineConfig
 from khofs.kernel.profile import (NO_KHO, PROFILES, get_profile, profile_for_fdt,
@@ -198,3 +199,19 @@ def test_74_takes_kho_bootmem_and_ignores_kho_scratch():
     m = Machine("kho=on kho_bootmem=4M,16M,4M", MachineConfig(memory=G, abi="7.2"))
     assert m.ignored == ["kho_bootmem=4M,16M,4M: ignored, not a parameter of this kernel "
                          "(it takes kho_scratch=)"]
+
+
+@pytest.mark.parametrize("abi", ["7.2", "7.4"])
+def test_72_and_74_root_fdt_is_71s_with_kho_v4(abi):
+    """The same boot gives the same FDT byte for byte but the compatible: kho_init builds it
+    as 7.1 does and memblock adds its subtree in place, before kexec-metadata."""
+    cmdline = "kho=on reserve_mem=1M:4096:test_resv"
+    ref = Machine(cmdline, MachineConfig(memory=G, abi="7.1"))
+    m = Machine(cmdline, MachineConfig(memory=G, abi=abi))
+    want = ref.kho_out.root_fdt()
+    assert len(want) == 293 and want.count(b"kho-v3\0") == 1
+    assert m.kho_out.root_fdt() == want.replace(b"kho-v3\0", b"kho-v4\0")
+    assert [(b.name, b.size) for b in m.kho_out.blobs("out")] == [("fdt", 233)]
+    assert [(b.name, b.size) for b in m.kho_out.blobs("sub_fdts")] == [
+        ("kexec-metadata", 73), ("memblock", 214)]
+    assert [n for n, _ in subnodes(m.kho_out.root_fdt(), 0)] == ["memblock", "kexec-metadata"]
