@@ -3,7 +3,7 @@
 import json
 import sys
 
-from ..kernel.profile import PROFILES
+from ..kernel.profile import NO_KHO, PROFILES
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, errno_name, kernels_differ
 
 
@@ -43,8 +43,9 @@ def cmd_kexec(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
     elif step == "load":
-        print(f"loaded {r['release']} (ABI {r['abi']}): " + ("carries the KHO handover" if r["handover"]
-                                          else "carries no KHO handover"))
+        abi = "a kernel without KHO" if r["abi"] == NO_KHO else f"ABI {r['abi']}"
+        print(f"loaded {r['release']} ({abi}): " + ("carries the KHO handover" if r["handover"]
+                                                   else "carries no KHO handover"))
     else:
         for line in r["log"]:
             print(line)

@@ -256,7 +256,7 @@ class Control:
         if op not in ("finalize", "abort"):
             raise BadRequest(f"can inject failures into finalize or abort, not {op!r}")
         prof = self._kho().profile
-        if not prof.has_finalize or (op == "abort" and prof.fdt_at_boot):
+        if not (prof.can_abort if op == "abort" else prof.has_finalize):
             raise BadRequest(f"ABI {prof.name} has no {op}", errno.EOPNOTSUPP)
         self._kho().register_notifier(FailNext(op, _errno_value(req["errno"])), first=True)
 

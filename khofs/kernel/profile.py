@@ -45,6 +45,11 @@ class Profile:
         """The default uname -r of the emulated kernel."""
         return f"{self.name}.0-khofs"
 
+    @property
+    def can_abort(self) -> bool:
+        """out/finalize takes 0 to undo a finalize (up to 6.18; 6.19+ refuse it)."""
+        return self.has_finalize and not self.fdt_at_boot
+
     def revival_line(self, err: int) -> str:
         """kho_populate's failure line."""
         return f"KHO: disabling KHO revival: {err}" if self.revival_errno \
@@ -117,6 +122,18 @@ def kernel_name(abi: str | None, release: str | None) -> str:
     """The profile a boot runs: an explicit abi, else the one its release names, else the
     default."""
     return abi or release_profile_name(release) or DEFAULT_PROFILE
+
+
+def profiles_of_compatible(compatible: str) -> list:
+    """The profiles whose root FDT carries this compatible, oldest first."""
+    return sorted((p for p in PROFILES.values() if p.compatible == compatible),
+                  key=lambda p: p.first)
+
+
+def compatibles() -> list:
+    """Every root compatible a release has used, oldest first."""
+    return list(dict.fromkeys(p.compatible for p in sorted(PROFILES.values(),
+                                                           key=lambda p: p.first)))
 
 
 # Every (phys, len) pair of out/ file names a release has used for the scratch areas.

@@ -211,3 +211,11 @@ def test_cold_boot_tree_as_a_shell_sees_it(mount_khofs, abi, scratch):
     r = subprocess.run(["bash", "-c", f"echo 1 > {m.out}/finalize"], capture_output=True,
                        text=True)
     assert r.returncode == 1 and "Permission denied" in r.stderr
+
+
+def test_kexec_load_names_a_kernel_without_kho(mount_khofs):
+    m = mount_khofs("--abi", "7.1", "--memory", "1G")
+    r = khofs("kexec", "load", m.path, "--release", "6.12.0")
+    assert r.stdout.decode() == "loaded 6.12.0 (a kernel without KHO): carries the KHO handover\n"
+    r = khofs("kexec", "load", m.path, "--release", "7.4.0")
+    assert r.stdout.decode() == "loaded 7.4.0 (ABI 7.4): carries the KHO handover\n"

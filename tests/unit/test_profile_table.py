@@ -7,6 +7,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import libfdt
 import pytest
 
 import khofs
@@ -215,3 +216,38 @@ def test_72_and_74_root_fdt_is_71s_with_kho_v4(abi):
     assert [(b.name, b.size) for b in m.kho_out.blobs("sub_fdts")] == [
         ("kexec-metadata", 73), ("memblock", 214)]
     assert [n for n, _ in subnodes(m.kho_out.root_fdt(), 0)] == ["memblock", "kexec-metadata"]
+
+
+class _Mem:
+    """Simulated memory as khofs dump reads it (a mount's MemorySource)."""
+
+    def __init__(self, m):
+        self.m, self.size, self.bits = m, m.mem.size, m.profile.preserve_bits
+
+    def read(self, phys, size):
+        return self.m.mem.read(phys, size)
+
+
+def test_dump_takes_the_root_binding_from_the_table():
+    from khofs.devicetree.dump import decode
+    m = Machine("kho=on reserve_mem=1M:4096:r", MachineConfig(memory=G, abi="7.4"))
+    p = m.pages.alloc_range(4)
+    m.kho_out.preserve_pages(p, 4 * 4096)
+    blob = m.kho_out.root_fdt()
+    d = decode(blob, "out/fdt", _Mem(m))
+    assert (d["compatible"], d["problems"]) == ("kho-v4", [])
+    assert d["memory_map"]["format"] == "radix-tree" and d["memory_map"]["error"] is None
+    covered = sum(max(0, min(r["start"] + r["size"], p + 4 * 4096) - max(r["start"], p))
+                  for r in d["memory_map"]["ranges"])
+    assert covered == 4 * 4096
+    assert [c["blob"]["kind"] for c in d["root"]["children"]] == ["fdt", "kexec-metadata"]
+    # a kho-v4 child is bound as kho-v3's: blob-size is required
+    f = libfdt.Fdt(bytearray(blob) + bytearray(64))
+    libfdt.fdt_open_into(f._fdt, f._fdt, len(f._fdt))
+    f.delprop(f.path_offset("/memblock"), "blob-size")
+    d = decode(bytes(f.as_bytearray()), "out/fdt", None)
+    assert "memblock: missing required property 'blob-size'" in d["problems"]
+    d = decode(blob.replace(b"kho-v4\0", b"kho-v9\0"), "out/fdt", None)
+    assert d["problems"] == ["root: compatible 'kho-v9' is not kho-v1 (6.16, 6.18, 7.0), "
+                             "kho-v3 (7.1) nor kho-v4 (7.2, 7.4): every emulated kernel "
+                             "rejects it"]
