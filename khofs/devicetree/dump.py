@@ -21,7 +21,7 @@ of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "metadata": {"versio
 import struct
 
 from ..kernel.fdt import FDT_HEADER, check_header, tree
-from ..kernel.kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
+from ..kernel.kho_fdt import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
 from ..kernel.memtrack import MapError, walk_memory_map
 from ..kernel.profile import compatibles, profiles_of_compatible
 from ..kernel.radix import tree_leaves, walk_leaves

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from .errors import KernelError
 from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
-from .kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME, \
+from .kho_fdt import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME, \
     PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP
 from .memtrack import MapError, walk_memory_map
 from .physmem import PAGE_SIZE, PhysMem

@@ -20,8 +20,8 @@ from .fdt import check_header, getprop, node_check_compatible, prop_value_offset
     totalsize
 from .handover import Handover
 from .kexec import place_segment
-from .kho import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME,
-                  PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT)
+from .kho_fdt import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME,
+                      PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT)
 from .memtrack import MemTracker
 from .physmem import (PAGE_SHIFT, PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem,
                       RangeSet)
