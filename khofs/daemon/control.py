@@ -94,6 +94,9 @@ class Control:
 
     def _kho(self):
         if self.m.kho_out is None:
+            if self.m.profile is None:
+                raise KernelError(errno.ENODEV, f"this kernel ({self.m.release}) has no KHO: "
+                                  "it came in v6.16")
             raise KernelError(errno.ENODEV, "KHO is not enabled in this boot (kho=on)")
         return self.m.kho_out
 

@@ -100,6 +100,9 @@ def test_kexec_by_release_into_71_and_into_a_kernel_without_kho(mount_khofs):
         None, "6.12.0", False, 2)
     assert khofs("status", m.path).stdout.decode().splitlines()[0] == \
         "release:          6.12.0 (no KHO in this release)"
+    r = khofs("ctl", m.path, "preserve", "0x100000", "4096", check=False)
+    assert (r.returncode, r.stderr.decode()) == (
+        1, f"khofs: {m.path}: this kernel (6.12.0) has no KHO: it came in v6.16 [ENODEV]\n")
     kexec(m.path, "--release", "7.4.1")
     assert sorted(os.listdir(m.out)) == ["bootmem_len", "bootmem_phys", "fdt", "sub_fdts"]
 
@@ -219,3 +222,15 @@ def test_kexec_load_names_a_kernel_without_kho(mount_khofs):
     assert r.stdout.decode() == "loaded 6.12.0 (a kernel without KHO): carries the KHO handover\n"
     r = khofs("kexec", "load", m.path, "--release", "7.4.0")
     assert r.stdout.decode() == "loaded 7.4.0 (ABI 7.4): carries the KHO handover\n"
+
+
+def test_replay_into_the_kernel_the_release_names(mount_khofs, tmp_path):
+    """A 7.1 recording replayed with --release 7.2.3 boots 7.2, which refuses kho-v3."""
+    m = mount_khofs("--abi", "7.1", "--memory", "1G", cmdline="kho=on reserve_mem=1M:4096:r")
+    snap = tmp_path / "s.tar"
+    khofs("record", snap, "--from", m.path)
+    r = mount_khofs("--replay", snap, "--release", "7.2.3", cmdline=None, name="succ")
+    st = status(r.path)
+    assert (st["abi"], st["release"], st["kho_in"]) == ("7.2", "7.2.3", False)
+    log = khofs("ctl", r.path, "log").stdout.decode()
+    assert "is incompatible with 'kho-v4': 1" in log
