@@ -13,8 +13,8 @@ The JSON form (`--json`) is one object per decoded FDT:
 `value` is the decoded value: strings as text, 8-byte properties as native-endian (LE) u64
 addresses, 4-byte ones as LE u32. `sub_fdt` is the FDT a node's `fdt` (kho-v1) or
 `preserved-data` (kho-v3, kho-v4) property points to, decoded the same way, when it can be
-read. kho-v3 and kho-v4 children also have "blob": {"size": int|null (blob-size), "read": int|null (bytes
-of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "metadata": {"version",
+read. kho-v3 and kho-v4 children also have "blob": {"size": int|null (blob-size), "read":
+int|null (bytes of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "metadata": {"version",
 "previous_release", "kexec_count"}|null}.
 """
 

@@ -1,10 +1,10 @@
 """The physical memory layout of a KHO handover: `khofs map`.
 
 A Layout is collected from a kho/ tree (what debugfs shows: out/scratch_phys and
-out/scratch_len or 7.4's bootmem_*, out/fdt, in/fdt, their sub-FDTs) by from_tree, completed on a khofs
-mount by the daemon's replies (RAM, reserve_mem regions, the root FDTs' pages, the incoming
-map, and simulated memory to walk out/fdt's map), then rendered as text here or drawn by
-memmap_plot.py. Every source of a kho/ tree (a mount, a copy, a snapshot) is a KhoTree of
+out/scratch_len or 7.4's bootmem_*, out/fdt, in/fdt, their sub-FDTs) by from_tree,
+completed on a khofs mount by the daemon's replies (RAM, reserve_mem regions, the root
+FDTs' pages, the incoming map, and simulated memory to walk out/fdt's map), then rendered as
+text here or drawn by memmap_plot.py. Every source of a kho/ tree (a mount, a copy, a snapshot) is a KhoTree of
 snapshot.py.
 """
 

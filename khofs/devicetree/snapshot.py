@@ -14,9 +14,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..kernel.profile import (DEFAULT_PROFILE, NO_KHO, PROFILES, SCRATCH_FILE_PAIRS,
-                              get_profile, profile_for_fdt, release_profile_name,
-                              scratch_files_in)
+from ..kernel.profile import (DEFAULT_PROFILE, NO_KHO, PROFILES, get_profile, profile_for_fdt,
+                              release_profile_name, scratch_file_pairs, scratch_files_in)
 from ..kernel.fdt import FDT_HEADER, totalsize
 from ..kernel.replay import Recording, RecordingError
 from ..kernel.rootfdt import rebuild
@@ -28,8 +27,7 @@ END = "khofs-snapshot.end"      # the last member: tar itself does not notice a 
 ROOT_FDT = "root-fdt"           # extra/root-fdt: the whole root FDT when debugfs shows less
 EXTRA = (ROOT_FDT,)
 # What a KHO debugfs tree holds; anything else in a recorded tree is kept but not replayed.
-KHO_FILES = ("out/finalize", "out/fdt", "in/fdt") + tuple(f"out/{n}" for pair in SCRATCH_FILE_PAIRS
-                                                          for n in pair)
+KHO_FILES = ("out/finalize", "out/fdt", "in/fdt")      # and each release's scratch files
 KHO_DIRS = ("", "out", "in", "out/sub_fdts", "in/sub_fdts")
 # The manifest's keys a reader uses, and what each must be.
 META = {"source": dict, "release": str, "cmdline": str, "abi": str, "memory": int,
@@ -163,6 +161,8 @@ def _cut_short(fdt: bytes) -> bool:
 
 def _is_kho_path(p: str) -> bool:
     if p in KHO_FILES or p in KHO_DIRS:
+        return True
+    if any(p in (f"out/{a}", f"out/{b}") for a, b in scratch_file_pairs()):
         return True
     d, _, name = p.rpartition("/")
     return d in ("out/sub_fdts", "in/sub_fdts") and "/" not in name

@@ -82,7 +82,8 @@ _P72 = _derive(_P71, "7.2", (7, 2), compatible="kho-v4")
 _P74 = _derive(_P72, "7.4", (7, 4), scratch_files=("bootmem_phys", "bootmem_len"),
                scratch_param="kho_bootmem")
 
-PROFILES = {p.name: p for p in (_P618, _P616, _P70, _P71, _P72, _P74)}   # --abi choices in this order
+# in the order --abi lists them
+PROFILES = {p.name: p for p in (_P618, _P616, _P70, _P71, _P72, _P74)}
 DEFAULT_PROFILE = "6.18"
 
 
@@ -136,14 +137,18 @@ def compatibles() -> list:
                                                            key=lambda p: p.first)))
 
 
-# Every (phys, len) pair of out/ file names a release has used for the scratch areas.
-SCRATCH_FILE_PAIRS = tuple(dict.fromkeys(p.scratch_files for p in PROFILES.values()))
+def scratch_file_pairs() -> tuple:
+    """Every (phys, len) pair of out/ file names a release has used for the scratch areas,
+    oldest first."""
+    return tuple(dict.fromkeys(p.scratch_files for p in sorted(PROFILES.values(),
+                                                              key=lambda p: p.first)))
 
 
 def scratch_files_in(names) -> tuple:
     """The scratch areas' (phys, len) file names among the names of an out/ listing (the
     oldest releases' when it has none)."""
-    return next((pair for pair in SCRATCH_FILE_PAIRS if pair[0] in names), SCRATCH_FILE_PAIRS[0])
+    pairs = scratch_file_pairs()
+    return next((pair for pair in pairs if pair[0] in names), pairs[0])
 
 
 def profile_for_fdt(blob: bytes, cut_short: bool | None = None, out_names=()) -> "Profile | None":

@@ -607,7 +607,8 @@ def test_subtree_churn_against_readers(mounter, abi):
     mnt = mounter.mount("--cmdline", CMDLINE, "--memory", "1G", "--abi", abi)
     out = f"{mnt}/kho/out"
     base = {n: sup.read_file(f"{out}/sub_fdts/{n}") for n in os.listdir(f"{out}/sub_fdts")}
-    assert set(base) == ({"memblock", "kexec-metadata"} if abi in sup.RADIX_PROFILES else {"memblock"})
+    assert set(base) == ({"memblock", "kexec-metadata"} if abi in sup.RADIX_PROFILES
+                         else {"memblock"})
     assert len(sup.read_file(f"{out}/fdt")) == OUT_FDT_SIZE[abi]
     lock = CTX.Lock()
     shared = {k: CTX.RawValue("q", 0) for k in ("ops", "started", "done", "strict")}

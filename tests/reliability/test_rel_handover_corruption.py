@@ -382,7 +382,8 @@ def run_case(base, muts):
     accepted = m2.kho_in is not None
     has_acc = found in dmesg
     off_line = sup.revival_off_line(abi)
-    has_off = any(t == off_line if abi in sup.RADIX_PROFILES else t.startswith(off_line) for t in dmesg)
+    has_off = any(t == off_line if abi in sup.RADIX_PROFILES else t.startswith(off_line)
+                  for t in dmesg)
     has_reason = any(r in t for t in dmesg for r in reasons)
     walk_broken = abi in sup.RADIX_PROFILES and any(t.startswith(WALK_BROKEN) for t in dmesg)
     if accepted and not (has_acc and not has_off):

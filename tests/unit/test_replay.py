@@ -92,7 +92,8 @@ def test_round_trip_every_profile(abi):
     assert f"in the {abi} format" in st["not_recorded"][1]
     assert st["ignored"] == []
     exec_from = [line for line in log(nxt) if line.startswith("KHO: exec from:")]
-    assert exec_from == ([f"KHO: exec from: {old.release} (count 1)"] if PROFILES[abi].kexec_metadata else [])
+    assert exec_from == ([f"KHO: exec from: {old.release} (count 1)"]
+                         if PROFILES[abi].kexec_metadata else [])
 
 
 @pytest.mark.parametrize("abi", list(PROFILES))
