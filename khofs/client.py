@@ -97,6 +97,12 @@ class Client:
                   if v is not None}
         return self.call("kexec", **fields)
 
+    def reboot(self, **args) -> dict:
+        """Cold-boot the mount's machine in place: cmdline, abi, release, memory, nodes and
+        boot_reserved as given, the mount's otherwise; the new boot's release, ABI, command
+        line and log."""
+        return self.call("reboot", **{k: v for k, v in args.items() if v is not None})
+
     def fail(self, op: str, err) -> None:
         """Make the next op (finalize or abort) fail with err."""
         self.call("fail", op=op, errno=err)

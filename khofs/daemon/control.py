@@ -63,6 +63,12 @@ def _errno_value(v):
     raise BadRequest(f"'errno' must be an errno name or number, not {v!r}")
 
 
+# What a reboot keeps: the mount's FUSE options and where its state lives (request field ->
+# the `khofs mount` option).
+REBOOT_FIXED = {"stat_size": "--stat-size", "cache": "--cache", "options": "-o",
+                "state": "--state", "replay": "--replay"}
+
+
 # command -> (handler, required fields, optional fields)
 COMMANDS = {}
 
@@ -81,9 +87,9 @@ class Control:
         self.host = host
         self.user_allocs: dict[int, int] = {}        # phys -> pages, of the current boot
         self.subtrees: dict[str, UserSubtree] = {}
-        host.on_new_tree.append(self._new_boot)
+        host.on_boot.append(self._new_boot)
 
-    def _new_boot(self, tree):
+    def _new_boot(self, machine):
         self.user_allocs.clear()
         self.subtrees.clear()
 
@@ -283,6 +289,29 @@ class Control:
         """Request kexec: load and exec in one step."""
         self.host.kexec_load(_str(req, "cmdline", True), _release(req), _abi(req))
         return self.host.kexec_exec()
+
+    @command("reboot", [], ["cmdline", "abi", "release", "memory", "nodes", "boot_reserved",
+                            *REBOOT_FIXED])
+    def reboot(self, req):
+        """Request reboot: a cold boot in place, with the mount's arguments but those given."""
+        fixed = [REBOOT_FIXED[k] for k in REBOOT_FIXED if k in req]
+        if fixed:
+            raise BadRequest(f"{', '.join(fixed)} cannot change in a reboot "
+                             "(mount anew for that)")
+        changes = {}
+        if "cmdline" in req:
+            changes["cmdline"] = _str(req, "cmdline")
+        if "abi" in req:
+            changes["abi"] = _abi(req)
+        if "release" in req:
+            changes["release"] = _release(req)
+        if "memory" in req:
+            changes["memory"] = _int(req, "memory", PAGE_SIZE)
+        if "nodes" in req:
+            changes["nodes"] = _int(req, "nodes", 1)
+        if "boot_reserved" in req:
+            changes["boot_reserved"] = _int(req, "boot_reserved", 1)
+        return self.host.reboot(**changes)
 
 
 def _abi(req):
