@@ -98,6 +98,11 @@ def _serve_locked(args, mnt) -> int:
         report(fd, error=msg)
         err(msg)
         return EXIT_FAIL
+    # What start-up made lives as long as the daemon: the collector need never scan it again.
+    # A boot's objects hold reference cycles, so a kexec or reboot ends in a full collection,
+    # which then costs only what the boots made.
+    import gc
+    gc.freeze()
     try:
         host = _boot_host(args)
     except (ValueError, OSError) as e:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import traceback
 
@@ -95,8 +96,11 @@ class Daemon:
                 return
 
     async def _ready(self, on_ready):
-        # The mount answers once the kernel's GETATTR of its root comes back.
-        await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        # The mount answers once the kernel's GETATTR of its root comes back. The stat runs in
+        # a child process: a thread of ours blocked in a request to ourselves kept a daemon
+        # SIGKILLed during start-up from ever exiting; a child's stat ends with the connection.
+        await trio.run_process(["stat", "--", self.mountpoint], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL)
         if on_ready:
             on_ready()
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
