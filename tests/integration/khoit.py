@@ -52,6 +52,18 @@ def read(path) -> bytes:
         return f.read()
 
 
+def assert_removed(fd: int) -> None:
+    """fd was opened on a file that is gone (an abort, a kexec, a reboot): reading it fails
+    with EIO and fstat shows nlink 0, as a descriptor of a removed debugfs file."""
+    try:
+        os.read(fd, 4096)
+    except OSError as e:
+        assert e.errno == errno.EIO, f"read of a removed file: {os.strerror(e.errno)}"
+    else:
+        raise AssertionError("a removed file read without EIO")
+    assert os.fstat(fd).st_nlink == 0
+
+
 def write_bytes(path, data: bytes, flags=os.O_WRONLY):
     """One write(2) of data on a fresh open; the return value or the errno of the write."""
     fd = os.open(path, flags)
