@@ -255,6 +255,8 @@ def cmd_reboot(args) -> int:
     except ControlError as e:
         err(f"reboot: {e.strerror} [{errno_name(e.errno)}]")
         return EXIT_FAIL
+    for why in r["ignored"]:
+        err(why)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

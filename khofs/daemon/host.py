@@ -96,7 +96,9 @@ class Host:
         self.args = args
         self._booted(machine)
         return {"release": machine.release, "abi": machine.profile.name,
-                "cmdline": machine.cmdline, "log": [line.text for line in machine.dmesg]}
+                "cmdline": machine.cmdline, "log": [line.text for line in machine.dmesg],
+                "warnings": [line.text for line in machine.warnings()],
+                "ignored": list(machine.ignored)}
 
 
 def prepare_state_dir(path: str) -> None:
