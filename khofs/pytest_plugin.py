@@ -150,13 +150,10 @@ def mounted(mountpoint, cmdline: str | None = "kho=on", args=(), abi=None, relea
 
 
 def boot_fields(cmdline: str | None, args=(), abi=None, release=None) -> dict | None:
-    """The reboot request that boots what `khofs mount --cmdline CMDLINE ARGS --abi ABI
-    --release RELEASE` would, every field given (a reboot keeps what is not); None if the
+    """The reboot request (with khofs mount's defaults for what is not given) that boots what
+    `khofs mount --cmdline CMDLINE ARGS --abi ABI --release RELEASE` would; None if the
     arguments hold anything a reboot cannot set."""
-    from .kernel.boot import DEFAULT_BOOT_RESERVED, DEFAULT_MEMORY
-    from .kernel.profile import DEFAULT_PROFILE
-    fields = {"cmdline": "kho=on", "abi": DEFAULT_PROFILE, "release": None,
-              "memory": DEFAULT_MEMORY, "nodes": 1, "boot_reserved": DEFAULT_BOOT_RESERVED}
+    fields = {}
     args = [str(a) for a in args]
     i = 0
     while i < len(args):
@@ -169,29 +166,16 @@ def boot_fields(cmdline: str | None, args=(), abi=None, release=None) -> dict | 
             i += 1
             value = args[i]
         i += 1
-        try:
-            fields[BOOT_OPTIONS[opt]] = _value(opt, value)
-        except ValueError:
-            return None         # its own mount says what is wrong with it
-    if cmdline is not None:
-        fields["cmdline"] = cmdline
-    if abi is not None:
-        fields["abi"] = abi
-    if release is not None:
-        fields["release"] = release
+        if opt == "--nodes":
+            try:
+                value = int(value)
+            except ValueError:
+                return None         # its own mount says what is wrong with it
+        fields[BOOT_OPTIONS[opt]] = value
+    for key, value in (("cmdline", cmdline), ("abi", abi), ("release", release)):
+        if value is not None:
+            fields[key] = value
     return fields
-
-
-def _value(opt: str, text: str):
-    if opt in ("--memory", "--boot-reserved"):
-        from .kernel.kstrtox import memparse
-        val, n = memparse(text)
-        if n != len(text.encode()) or val <= 0:
-            raise ValueError(text)
-        return val
-    if opt == "--nodes":
-        return int(text)
-    return text
 
 
 class MountPool:
@@ -212,7 +196,7 @@ class MountPool:
         if m is not None:
             try:
                 with Client(str(m.root), timeout=REBOOT_TIMEOUT) as c:
-                    r = c.call("reboot", **fields)
+                    r = c.reboot(True, **fields)
                 return self._view(m, r)
             except ControlError as e:
                 if e.errno in (errno.EINVAL, errno.ERANGE):     # the daemon said no
@@ -224,7 +208,7 @@ class MountPool:
                 self.mount = None
         # A new path each time: a dead mount's may still be held by the test's processes.
         self.mounts += 1
-        m = KhofsMount(self.base / f"khofs{self.mounts}", None, _argv(fields))
+        m = KhofsMount(self.base / f"khofs{self.mounts}", fields.get("cmdline"), _argv(fields))
         m.start()
         self.mount = m
         return self._view(m, None)
@@ -259,11 +243,8 @@ def _serving(m: KhofsMount) -> bool:
 
 
 def _argv(fields: dict) -> list[str]:
-    argv = []
-    for opt, key in BOOT_OPTIONS.items():
-        if fields[key] is not None:
-            argv += [opt, str(fields[key])]
-    return argv
+    return [a for opt, key in BOOT_OPTIONS.items() if key != "cmdline" and key in fields
+            for a in (opt, str(fields[key]))]
 
 
 def pytest_configure(config):

@@ -75,18 +75,19 @@ class Host:
                 "kho_in": machine.kho_in is not None, "notes": ho.notes,
                 "log": [line.text for line in machine.dmesg]}
 
-    def reboot(self, **changes) -> dict:
+    def reboot(self, defaults: bool = False, **changes) -> dict:
         """A cold boot in place: the machine a fresh mount with these arguments boots (the
-        mount's, with `changes`). Nothing of the old boot survives, not even in the state dir.
-        Refused (KernelError, nothing changed) if the new kernel cannot boot."""
+        mount's, or with `defaults` khofs mount's defaults, with `changes`). Nothing of the
+        old boot survives, not even in the state dir. Refused (KernelError, nothing changed)
+        if the new kernel cannot boot."""
         unknown = set(changes) - set(BootArgs.FIELDS)
         if unknown:
             raise KernelError(errno.EINVAL, f"a reboot cannot change {', '.join(sorted(unknown))}")
-        if self.args.handover is not None and changes:
+        if self.args.handover is not None and (changes or defaults):
             raise KernelError(errno.EINVAL, "a --replay mount reboots into the recorded "
                               "kernel's successor as it was mounted; mount anew to change its "
                               "boot")
-        args = self.args.replace(**changes)
+        args = (BootArgs() if defaults else self.args).replace(**changes)
         try:
             machine = args.boot()
         except ValueError as e:

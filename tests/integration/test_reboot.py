@@ -237,3 +237,21 @@ def test_reboot_of_a_stopped_mount_is_one_clear_error(tmp_path):
     r = khofs("reboot", d)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"khofs: reboot: no khofs daemon answers for {d} ")
+
+
+def test_client_reboot_to_khofs_mounts_defaults_with_sizes_as_text(path_mounts):
+    mnt = path_mounts("--cmdline", CMDLINE, "--abi", "7.1", "--release", "7.1.9-x", "--memory",
+                      "2G", "--nodes", "2", "--boot-reserved", "32M")
+    with Client(mnt) as c:
+        r = c.reboot(True, memory="1G", boot_reserved="0x2000000")
+        assert (r["release"], r["abi"], r["cmdline"]) == ("6.18.0-khofs", "6.18", "kho=on")
+        st = c.status()
+        assert (st["memory_size"], st["nodes"]) == (1 << 30, 1)
+        with pytest.raises(OSError) as e:
+            c.reboot(memory="1Q")
+        assert e.value.strerror == "'memory' = '1Q' is not a size (use e.g. 4G, 512M, 0x100000)"
+        with pytest.raises(OSError) as e:
+            c.call("reboot", defaults=1)
+        assert e.value.strerror == "'defaults' must be true or false"
+    fresh = path_mounts("--memory", "1G", "--boot-reserved", "32M", name="fresh")
+    assert snapshot(mnt) == snapshot(fresh)
