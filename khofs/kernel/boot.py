@@ -2,10 +2,7 @@
 
 import dataclasses
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
-
-from .profile import DEFAULT_PROFILE
 
 if TYPE_CHECKING:       # the machine is imported when it boots: the CLI reads the defaults
     from .handover import Handover
@@ -20,7 +17,7 @@ class BootArgs:
     """The machine and command line of a cold boot. A mount boots from one; a reboot boots
     from the mount's with the given fields replaced, so both take the same path."""
     cmdline: str = "kho=on"
-    abi: str = DEFAULT_PROFILE
+    abi: str | None = None              # None: the profile the release names, else the default
     release: str | None = None          # uname -r; None: the profile's
     memory: int = DEFAULT_MEMORY
     nodes: int = 1
