@@ -75,7 +75,7 @@ def subtree(mnt, c):
 def kexec(mnt, c):
     preserve(mnt, c)
     finalize(mnt, c)
-    c.kexec(release="7.9.9-next")
+    c.kexec()         # the same kernel again: a release would name its own profile
     assert os.path.isdir(f"{mnt}/kho/in")
     assert c.status()["kexec_count"] == 1
 
