@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Each command has its own --help. Exit status: 0 success, 1 failure (the reason is on\n"
         "stderr), 2 usage error. Also run by mount(8) as: khofs SOURCE MOUNTPOINT -o OPTIONS")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (mount.add_mount, mount.add_umount, kexec.add_kexec, show.add_dump,
+    for add in (mount.add_mount, mount.add_umount, mount.add_reboot, kexec.add_kexec, show.add_dump,
                 show.add_diff, memmap.add_map, record.add_record, mount.add_status, ctl.add_ctl):
         add(sub)
     p.commands = frozenset(sub.choices)      # what mount(8)'s SOURCE never is

@@ -129,10 +129,11 @@ def test_every_public_function_says_what_it_does(path):
 
 
 # The CLI talks to the daemon through the client and to the kernel through a few public
-# calls: the profile table's names, a boot's configuration and a replay's handover, never a
+# calls: the profile table's names, a boot's configuration (kernel/boot.py's BootArgs, what a
+# mount and a reboot boot from) and a replay's handover, never a
 # Machine's insides or a profile's fields (what the daemon answers says what the kernel does).
 CLI_ALLOWED = ("khofs.cli", "khofs.client", "khofs.runtime", "khofs.devicetree",
-               "khofs.daemon", "khofs.kernel.profile", "khofs.kernel.machine",
+               "khofs.daemon", "khofs.kernel.profile", "khofs.kernel.machine", "khofs.kernel.boot",
                "khofs.kernel.replay", "khofs.kernel.kstrtox", "khofs.kernel.fdt")
 CLI_FROM_PROFILE = {"PROFILES", "NO_KHO", "release_profile_name"}
 MACHINE_INSIDES = {"machine", "kho_out", "kho_in", "dmesg", "ignored", "kexec_notes",
