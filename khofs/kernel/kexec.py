@@ -45,10 +45,11 @@ def kexec_exec(machine) -> Handover:
     config = asdict(machine.config)
     config["abi"] = image.abi or machine.profile.name
     config["release"] = None
+    config["kho"] = image.kho
     ho = Handover(cmdline=image.cmdline, release=image.release, previous_release=machine.release,
                   kexec_count=machine.kexec_count + 1, config=config)
     if image.fdt_phys is None:
-        if machine.kho_enable:
+        if machine.kho_enable and image.kho:
             ho.notes.append("the image was loaded before KHO was finalized: it carries no "
                             "handover, nothing is preserved")
         return ho

@@ -33,6 +33,7 @@ class MachineConfig:
     boot_reserved: int = 64 << 20
     abi: str = DEFAULT_PROFILE
     release: str | None = None     # uname -r; None: the profile's default
+    kho: bool = True               # False: a release before KHO (kho= and handovers ignored)
 
 
 @dataclass
@@ -60,12 +61,13 @@ class Machine:
         # khofs mount --replay: the snapshot this boot's handover came from, what it lacked.
         self.replay = handover.replay if handover else None
         self.image: KexecImage | None = None
+        self.crash_image: KexecImage | None = None     # kexec -p: never booted by a kexec reboot
         self.mem = PhysMem(config.memory, config.nodes)
         self.memblock = Memblock(self.mem)
         self.memblock.reserve(0, SZ_1M)                  # firmware's low 1 MiB
 
         self.kho_in = None
-        if handover is not None and handover.fdt_phys is not None:
+        if handover is not None and handover.fdt_phys is not None and config.kho:
             for pfn, data in handover.pages.items():
                 # An in-process kexec hands the old kernel's page buffers over without a copy.
                 self.mem.pages[pfn] = data if isinstance(data, bytearray) else bytearray(data)
@@ -165,7 +167,8 @@ class Machine:
         for param, val in params:
             try:
                 if parameq(param, "kho"):
-                    self.kho_enable = kstrtobool(val)
+                    # A kernel from before KHO has no such parameter.
+                    self.kho_enable = kstrtobool(val) and self.config.kho
                 elif parameq(param, "khofs.test_kho"):
                     self.test_kho = kstrtobool(val)
                 elif parameq(param, "kho_scratch"):
@@ -338,6 +341,8 @@ class Machine:
             "preserved_bytes": out.track.preserved_bytes() if out else 0,
             "incoming_preserved_bytes": self.preserved.total(),
             "image_loaded": self.image is not None,
+            "kexec_loaded": self.image is not None,
+            "kexec_crash_loaded": self.crash_image is not None,
             "kexec_notes": self.kexec_notes,
             "replay": self.replay,
         }
