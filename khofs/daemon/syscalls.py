@@ -71,12 +71,12 @@ def sys_kexec_load(self: Control, req):
     return {**asdict(r), **_loaded(self.m)}
 
 
-@command("sys_reboot", ["cap_sys_boot", "magic1", "magic2", "cmd"], ["arg"])
+@command("sys_reboot", ["cap_sys_boot", "magic1", "magic2", "reboot_cmd"], ["arg"])
 def sys_reboot(self: Control, req):
     """Request sys_reboot: reboot(2). A kexec reboot boots the loaded kernel at once; a
     restart is left to the caller (the `reboot` request), the rest change nothing here."""
     action = sc.sys_reboot(self.m, cap_sys_boot=_cap(req), magic1=_int(req, "magic1"),
-                           magic2=_int(req, "magic2"), cmd=_int(req, "cmd"),
+                           magic2=_int(req, "magic2"), cmd=_int(req, "reboot_cmd"),
                            arg=_read(req, "arg"))
     out = {"action": action}
     if action == "kexec":
