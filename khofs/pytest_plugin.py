@@ -84,6 +84,11 @@ class KhofsMount:
         """Load and exec the next kernel."""
         return self.ctl.kexec(cmdline, release, abi)
 
+    def run(self, argv, stderr=None) -> tuple[int, bool, list[str]]:
+        """khofs run of argv on this machine: (exit status, kexec'd, the new boot's lines)."""
+        from .run import run
+        return run(str(self.root), [str(a) for a in argv], stderr=stderr)
+
     def status(self) -> dict:
         """The kernel's status."""
         return self.ctl.status()

@@ -228,22 +228,33 @@ def sanity_check_segment_list(table, mem_size: int) -> None:
 
 
 def boot_params_of(table, bufs) -> tuple[str | None, str | None]:
-    """The release and command line a user-space loaded x86 kernel boots with: the setup
-    header kexec-tools copies into the boot_params segment, and the string its
-    cmd_line_ptr points to."""
+    """The release and command line a user-space loaded x86 kernel boots with.
+
+    A setup header ("HdrS") in a segment gives the release, and its cmd_line_ptr (with
+    ext_cmd_line_ptr) the command line. kexec-tools 2.0.25 leaves both out of its
+    boot_params segment and puts the command line right after its 4 KiB (seen on a run;
+    docs/run.md): that layout is the fallback."""
     release = cmdline = None
     for buf in bufs:
-        if len(buf) >= 0x280 and buf[0x202:0x206] == b"HdrS":
-            hdr = bzimage.parse(buf)
-            release = release or hdr.release
-            ptr = struct.unpack_from("<I", buf, 0x228)[0] | (buf[0x0C8] << 32 if len(buf) > 0xC8 else 0)
-            for (_, _, mem, memsz), b in zip(table, bufs):
-                if mem <= ptr < mem + len(b):
-                    s = b[ptr - mem:]
-                    cmdline = s[:s.find(b"\0") if b"\0" in s else len(s)].decode("utf-8", "replace")
-            if cmdline is not None:
+        if len(buf) < 0x280 or buf[0x202:0x206] != b"HdrS":
+            continue
+        release = release or bzimage.parse(buf).release
+        ptr = struct.unpack_from("<I", buf, 0x228)[0] | struct.unpack_from("<I", buf, 0xC8)[0] << 32
+        for (_, _, mem, _), b in zip(table, bufs):
+            if ptr and mem <= ptr < mem + len(b):
+                cmdline = _cstr(b[ptr - mem:])
+    if cmdline is None:
+        for buf in bufs:
+            tail = buf[0x1000:]
+            if len(buf) > 0x1000 and b"\0" in tail and tail[:tail.index(b"\0")].isascii() \
+                    and tail[:tail.index(b"\0")].decode().isprintable():
+                cmdline = _cstr(tail)
                 break
     return release, cmdline
+
+
+def _cstr(b: bytes) -> str:
+    return b[:b.find(b"\0") if b"\0" in b else len(b)].decode("utf-8", "replace")
 
 
 def sys_reboot(machine, *, cap_sys_boot: bool, magic1: int, magic2: int, cmd: int,
