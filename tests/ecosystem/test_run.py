@@ -1,0 +1,166 @@
+"""khofs run with real clients: Debian's kexec-tools and a C program doing what the
+kernel's KHO selftest init does. Each outcome is read back through khofs status and kho/in/."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ecohelp import khofs as khofs_cli
+
+pytestmark = [pytest.mark.fuse,
+              pytest.mark.skipif(shutil.which("kexec") is None,
+                                 reason="kexec-tools missing: run scripts/setup.sh")]
+
+CLIENTS = Path(__file__).with_name("run_clients")
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory):
+    """kho_init built dynamic and static, and a 6.18 and a 7.1 image."""
+    d = tmp_path_factory.mktemp("clients")
+    src = CLIENTS / "kho_init.c"
+    subprocess.run(["gcc", "-O2", "-o", d / "kho_init", src], check=True)
+    subprocess.run(["gcc", "-O2", "-static", "-o", d / "kho_init_static", src], check=True)
+    for rel in ("6.18.9", "7.1.2", "6.12.5"):
+        khofs_cli("image", "--release", rel, "-o", d / f"img-{rel}", check=True)
+    return d
+
+
+def krun(m, *argv, timeout=60):
+    """khofs run MNT -- ARGV through the command line."""
+    return khofs_cli("run", m.root, "--", *argv, timeout=timeout)
+
+
+def test_kexec_tools_reuse_cmdline_then_exec(khofs, clients):
+    khofs.finalize()
+    r = krun(khofs, "sh", "-c", f"kexec -s -l {clients}/img-6.18.9 --reuse-cmdline && "
+             "cat /sys/kernel/kexec_loaded && kexec -e; echo not reached")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "1\n"                         # kexec_loaded, then nothing after -e
+    assert "KHO: found kexec handover data" in r.stderr
+    st = khofs.status()
+    assert (st["kexec_count"], st["release"], st["cmdline"]) == (1, "6.18.9", "kho=on")
+    assert st["kho_in"] and (khofs.in_ / "fdt").exists()
+
+
+def test_kexec_tools_append_initrd_and_unload(khofs, clients, tmp_path):
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"\x07" * 5000)
+    r = krun(khofs, "sh", "-c", f"kexec -s -l {clients}/img-6.18.9 --append='kho=on x=1' "
+             f"--initrd={initrd} && cat /sys/kernel/kexec_loaded && kexec -s -u && "
+             "cat /sys/kernel/kexec_loaded")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "1\n0\n"
+    assert khofs.status()["kexec_loaded"] is False
+    r = krun(khofs, "sh", "-c", f"kexec -s -l {clients}/img-7.1.2 --append='kho=on x=1' && kexec -e")
+    st = khofs.status()
+    assert (st["release"], st["abi"], st["cmdline"]) == ("7.1.2", "7.1", "kho=on x=1")
+    # 6.18 did not finalize: the image carries no handover
+    assert not st["kho_in"] and not (khofs.in_).exists()
+
+
+def test_kexec_exec_nothing_loaded(khofs):
+    r = krun(khofs, "kexec", "-e")
+    assert r.returncode != 0
+    assert khofs.status()["kexec_count"] == 0
+
+
+def test_non_kernel_file_loads_nothing(khofs, tmp_path):
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a kernel\n" * 100)
+    r = krun(khofs, "kexec", "-s", "-l", junk)
+    assert r.returncode != 0
+    assert "Cannot determine the file type" in r.stderr
+    assert khofs.status()["kexec_loaded"] is False
+
+
+def test_user_space_loader_carries_no_handover(khofs, clients):
+    khofs.finalize()
+    r = krun(khofs, "sh", "-c", f"kexec -l {clients}/img-6.18.9 --append='kho=on y=2' && kexec -e")
+    assert r.returncode == 0, r.stderr
+    st = khofs.status()
+    assert (st["kexec_count"], st["cmdline"], st["kho_in"]) == (1, "kho=on y=2", False)
+
+
+def test_view_of_the_machine(khofs, clients):
+    r = krun(khofs, "sh", "-c", "uname -r; cat /proc/cmdline /proc/sys/kernel/osrelease "
+             "/sys/kernel/kexec_loaded /sys/kernel/kexec_crash_loaded; "
+             "ls /sys/kernel/debug/kho/out")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:5] == ["6.18.0-khofs", "kho=on", "6.18.0-khofs", "0", "0"]
+    assert "finalize" in r.stdout.splitlines()[5:]
+
+
+@pytest.mark.parametrize("variant", ["kho_init", "kho_init_static"])
+def test_selftest_client_6_18(khofs, clients, tmp_path, variant):
+    dbg = tmp_path / "debugfs"
+    dbg.mkdir()
+    r = krun(khofs, clients / variant, dbg, clients / "img-6.18.9", "finalize")
+    assert r.returncode == 0, r.stderr
+    st = khofs.status()
+    assert (st["kexec_count"], st["release"], st["cmdline"], st["kho_in"]) == \
+        (1, "6.18.9", "kho=on", True)
+    assert (khofs.in_ / "fdt").exists()
+    assert not os.path.ismount(dbg)                 # the mount stayed inside the run
+
+
+def test_selftest_client_forks(khofs, clients, tmp_path):
+    dbg = tmp_path / "debugfs"
+    dbg.mkdir()
+    r = krun(khofs, clients / "kho_init_static", dbg, clients / "img-6.18.9", "finalize", "fork")
+    assert r.returncode == 0, r.stderr
+    assert khofs.status()["kexec_count"] == 1
+
+
+@pytest.mark.khofs(abi="7.1")
+def test_selftest_client_7_1_without_finalize(khofs, clients, tmp_path):
+    dbg = tmp_path / "debugfs"
+    dbg.mkdir()
+    r = krun(khofs, clients / "kho_init", dbg, clients / "img-7.1.2", "nofinalize")
+    assert r.returncode == 0, r.stderr
+    st = khofs.status()
+    assert (st["kexec_count"], st["release"], st["abi"], st["kho_in"]) == (1, "7.1.2", "7.1", True)
+    assert (khofs.in_ / "fdt").exists()
+
+
+def test_reboot_without_cap_sys_boot_is_eperm(khofs, clients):
+    r = krun(khofs, "setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+             clients / "kho_init", "reboot")
+    assert r.stdout == "reboot: EPERM\n"
+    r = krun(khofs, clients / "kho_init", "reboot")
+    assert r.stdout == "reboot: EINVAL\n"           # root, nothing loaded
+
+
+def test_pre_kho_release_boots_without_kho(khofs, clients):
+    khofs.finalize()
+    r = krun(khofs, "sh", "-c", f"kexec -s -l {clients}/img-6.12.5 --reuse-cmdline && kexec -e")
+    assert r.returncode == 0, r.stderr
+    st = khofs.status()
+    assert (st["release"], st["kho_enabled"]) == ("6.12.5", False)
+    assert not khofs.kho.exists()
+
+
+def test_python_run_returns_status_kexec_and_log(khofs, clients, tmp_path):
+    khofs.finalize()
+    assert khofs.run(["true"], stderr=subprocess.DEVNULL) == (0, False, [])
+    assert khofs.run(["sh", "-c", "exit 3"], stderr=subprocess.DEVNULL)[:2] == (3, False)
+    status, kexecd, log = khofs.run(["sh", "-c", f"kexec -s -l {clients}/img-6.18.9 "
+                                     "--reuse-cmdline && kexec -e"], stderr=subprocess.DEVNULL)
+    assert (status, kexecd) == (0, True)
+    assert any("found kexec handover data" in line for line in log)
+    # the two-phase pattern: the post-kexec step runs in the new kernel
+    r = krun(khofs, "sh", "-c", "uname -r; ls /sys/kernel/debug/kho/in")
+    assert r.stdout.splitlines()[0] == "6.18.9" and "fdt" in r.stdout
+
+
+def test_bad_input(khofs, tmp_path):
+    for args, text in (([tmp_path], "not a khofs mount"), ([khofs.root], "no command")):
+        r = khofs_cli("run", *args, "--", *(["true"] if text != "no command" else []))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and text in r.stderr, r.stderr
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                        *khofs_cli.__globals__["KHOFS"], "run", khofs.root, "--", "true"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "needs root" in r.stderr and r.stderr.count("\n") == 1
