@@ -10,5 +10,5 @@ def run(mountpoint: str, argv, stderr=None) -> tuple[int, bool, list[str]]:
     """Run argv (a tool, unmodified) on the machine behind a khofs mount, as `khofs run`.
     (exit status, whether it kexec'd, the new kernel's boot lines); ValueError (one line)
     when the run cannot start: not root, no seccomp user notification, not a khofs mount."""
-    from ..cli.run import run as _run
+    from .launch import run as _run
     return _run(mountpoint, list(argv), stderr=stderr)

@@ -9,7 +9,7 @@ import struct
 from . import notify, view
 from .link import LinkError
 from .target import CAP_SYS_ADMIN, CAP_SYS_BOOT, Target
-from ..kernel import syscalls as sc
+import khofs.kernel.syscalls as sc
 
 UTS_LEN = 65                 # struct new_utsname: six fields of __NEW_UTS_LEN + 1
 
@@ -74,6 +74,7 @@ class Answers:
 
     # -- the calls -------------------------------------------------------------
     async def kexec_file_load(self, n, t: Target):
+        """kexec_file_load(2): the fds and command line read, then the kernel's answer."""
         kernel_fd, initrd_fd, cmdline_len, cmdline_ptr, flags = n.args[:5]
         kernel_fd, initrd_fd = _int(kernel_fd), _int(initrd_fd)
         fields = {"cap_sys_boot": t.capable(CAP_SYS_BOOT), "flags": flags,
@@ -90,6 +91,7 @@ class Answers:
         return ("val", 0)
 
     async def kexec_load(self, n, t: Target):
+        """kexec_load(2): the segment table and buffers read, then the kernel's answer."""
         entry, nr, segs_ptr, flags = n.args[:4]
         fields = {"cap_sys_boot": t.capable(CAP_SYS_BOOT), "entry": entry, "nr_segments": nr,
                   "flags": flags}
@@ -112,6 +114,7 @@ class Answers:
         return ("val", 0)
 
     async def reboot(self, n, t: Target):
+        """reboot(2): a kexec, restart or halt ends the run (RunEnds)."""
         magic1, magic2, cmd, arg = n.args[:4]
         fields = {"cap_sys_boot": t.capable(CAP_SYS_BOOT), "magic1": magic1 & 0xFFFFFFFF,
                   "magic2": magic2 & 0xFFFFFFFF, "reboot_cmd": cmd & 0xFFFFFFFF}
@@ -131,6 +134,7 @@ class Answers:
         return ("val", 0)
 
     async def uname(self, n, t: Target):
+        """uname(2): the host's struct new_utsname with the emulated release."""
         st = await self.refresh()
         u = os.uname()
         fields = (u.sysname, u.nodename, st["release"], u.version, u.machine,
@@ -142,6 +146,7 @@ class Answers:
         return ("err", err) if err else ("val", 0)
 
     async def mount(self, n, t: Target):
+        """mount(2): a new debugfs, proc or sysfs shows the emulated machine; the rest runs on the host."""
         src_p, tgt_p, type_p, flags, data_p = n.args[:5]
         if flags & view.NOT_NEW or not type_p:
             return ("cont", 0)

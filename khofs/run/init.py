@@ -72,6 +72,7 @@ class Run:
         os._exit(status)
 
     async def main(self) -> None:
+        """Start the tool and supervise it until the run ends."""
         link = await Link(self.sock).connect()
         watch = await Link(self.sock).connect()
         with trio.open_signal_receiver(signal.SIGCHLD, signal.SIGINT, signal.SIGTERM,
@@ -106,6 +107,7 @@ class Run:
                             else 128 + os.WTERMSIG(st))
 
     async def listen(self, answers: Answers, fd: int) -> None:
+        """Answer notifications one at a time, as they come."""
         while True:
             await trio.lowlevel.wait_readable(fd)
             state = notify.pending(fd)
@@ -133,6 +135,7 @@ class Run:
                 self.finish(1)
 
     async def daemon_gone(self, watch: Link) -> None:
+        """End the run when the daemon closes its socket (it died or unmounted)."""
         await watch.wait_closed()
         print(f"khofs run: the khofs daemon of {self.mnt} went away; ending the run",
               file=sys.stderr)
@@ -140,6 +143,7 @@ class Run:
 
 
 def main(argv=None) -> None:
+    """PID 1 of a run (see the module's docstring for the arguments)."""
     argv = sys.argv[1:] if argv is None else argv
     mnt, sock, viewdir, result_fd, dashdash, *cmd = argv
     run = Run(mnt, sock, viewdir, int(result_fd), cmd)
