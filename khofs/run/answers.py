@@ -4,7 +4,9 @@
 import base64
 import errno
 import os
-import struct
+import sys
+
+import trio
 
 from . import notify, view
 from .link import LinkError
@@ -153,14 +155,22 @@ class Answers:
         fstype = t.read_string(type_p, 256)
         if isinstance(fstype, int) or fstype not in (b"debugfs", b"proc", b"sysfs"):
             return ("cont", 0)
-        if not t.capable(CAP_SYS_ADMIN):
-            return ("err", errno.EPERM)
         target = t.read_string(tgt_p)
         if isinstance(target, int):
             return ("err", target)
         if not target:
             return ("err", errno.ENOENT)
         path = t.path(target)
+        # do_mount looks the target up (with the caller's rights) before path_mount asks
+        # may_mount() for CAP_SYS_ADMIN.
+        if t.capable(CAP_SYS_ADMIN):
+            try:
+                os.stat(path)
+            except OSError as e:
+                return ("err", e.errno)
+        else:
+            err = await _lookup_as(t, target)
+            return ("err", err or errno.EPERM)
         if not notify.valid(self.fd, n.id):
             return None
         if fstype == b"debugfs":
@@ -175,6 +185,23 @@ class Answers:
                 err = (view.proc_binds(self.viewdir, path) if fstype == b"proc"
                        else view.sys_binds(self.mnt, self.viewdir, path))
         return ("err", err) if err else ("val", 0)
+
+
+_STAT = "import os, sys\ntry:\n os.stat(sys.argv[1])\nexcept OSError as e:\n sys.exit(e.errno)"
+
+
+async def _lookup_as(t: Target, target: bytes) -> int:
+    """The errno of looking target up with the thread's uid, gid and groups (0: found)."""
+    try:
+        uid, gid, groups = t.creds()
+        path = t.plain_path(target)
+    except OSError:
+        return errno.ESRCH
+    grp = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
+    r = await trio.run_process(["setpriv", "--reuid", str(uid), "--regid", str(gid), *grp,
+                                sys.executable, "-c", _STAT, path], check=False,
+                               capture_stdout=True, capture_stderr=True)
+    return r.returncode
 
 
 def _domainname() -> str:

@@ -27,6 +27,20 @@ class Target:
             pass
         return False
 
+    def creds(self) -> tuple[int, int, list[int]]:
+        """Its filesystem uid, gid and supplementary groups."""
+        uid = gid = 0
+        groups = []
+        with open(f"{self.proc}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[4])
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[4])
+                elif line.startswith("Groups:"):
+                    groups = [int(g) for g in line.split()[1:]]
+        return uid, gid, groups
+
     def read(self, addr: int, size: int) -> bytes | int:
         """size bytes of its memory at addr, or EFAULT."""
         if size == 0:
@@ -102,3 +116,10 @@ class Target:
         """p as the thread resolves it (its root and working directory)."""
         base = f"{self.proc}/root" if p.startswith(b"/") else f"{self.proc}/cwd/"
         return base + os.fsdecode(p)
+
+    def plain_path(self, p: bytes) -> str:
+        """p made absolute from its working directory, for a process that cannot follow
+        /proc/PID/cwd (another user's); the run shares its root."""
+        if p.startswith(b"/"):
+            return os.fsdecode(p)
+        return os.path.join(os.readlink(f"{self.proc}/cwd"), os.fsdecode(p))

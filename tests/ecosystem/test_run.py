@@ -24,6 +24,10 @@ def clients(tmp_path_factory):
     src = CLIENTS / "kho_init.c"
     subprocess.run(["gcc", "-O2", "-o", d / "kho_init", src], check=True)
     subprocess.run(["gcc", "-O2", "-static", "-o", d / "kho_init_static", src], check=True)
+    subprocess.run(["gcc", "-O2", "-static", "-pthread", "-o", d / "uname_threads",
+                    CLIENTS / "uname_threads.c"], check=True)
+    subprocess.run(["gcc", "-O2", "-o", d / "mnt", CLIENTS / "mnt.c"], check=True)
+    subprocess.run(["gcc", "-O2", "-o", d / "kexec_file", CLIENTS / "kexec_file.c"], check=True)
     for rel in ("6.18.9", "7.1.2", "6.12.5"):
         khofs_cli("image", "--release", rel, "-o", d / f"img-{rel}", check=True)
     return d
@@ -164,3 +168,74 @@ def test_bad_input(khofs, tmp_path):
                         *khofs_cli.__globals__["KHOFS"], "run", khofs.root, "--", "true"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "needs root" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_static_threaded_uname(khofs, clients):
+    r = krun(khofs, clients / "uname_threads")
+    assert r.stdout == "6.18.0-khofs\n" * 4
+
+
+NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("fstype", ["debugfs", "proc", "sysfs"])
+@pytest.mark.parametrize("target", ["dir", "missing", "file", ""])
+@pytest.mark.parametrize("who", [[], NOBODY], ids=["root", "nobody"])
+def test_mount_errno_as_the_real_kernel(khofs, clients, tmp_path, fstype, target, who):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").touch()
+    path = str(tmp_path / target) if target else ""
+    argv = [*who, clients / "mnt", fstype, path]
+    real = subprocess.run(["unshare", "-m", *map(str, argv)], capture_output=True, text=True)
+    ours = krun(khofs, *argv)
+    assert ours.stdout == real.stdout and ours.stdout.strip()
+
+
+def test_debugfs_mounted_by_the_tool_is_khofs(khofs, clients, tmp_path):
+    (tmp_path / "dbg").mkdir()
+    r = krun(khofs, "sh", "-c", f"{clients}/mnt debugfs {tmp_path}/dbg && "
+             f"cat {tmp_path}/dbg/kho/out/finalize && mount -t proc proc /proc && cat /proc/cmdline "
+             "&& mkdir -p /tmp/khofs-run-sys && mount -t sysfs sysfs /tmp/khofs-run-sys "
+             "&& cat /tmp/khofs-run-sys/kernel/kexec_loaded "
+             "&& ls /tmp/khofs-run-sys/kernel/debug/kho; rmdir /tmp/khofs-run-sys")
+    assert r.stdout == "OK\n0\nkho=on\n0\nin\nout\n" or r.stdout == "OK\n0\nkho=on\n0\nout\n", r.stderr
+    assert not os.path.ismount(tmp_path / "dbg")
+
+
+@pytest.mark.khofs(cmdline="kho=on crashkernel=256M")
+def test_crash_kernel_is_loaded_not_booted(khofs, clients):
+    # kexec-tools' -p wants a "Crash kernel" line in the host's /proc/iomem, so the syscall
+    # is made directly. ON_CRASH|NO_INITRAMFS, then UNLOAD|ON_CRASH.
+    kf = clients / "kexec_file"
+    r = krun(khofs, "sh", "-c", f"{kf} {clients}/img-6.18.9 6 'kho=on' && "
+             "cat /sys/kernel/kexec_loaded /sys/kernel/kexec_crash_loaded; kexec -e")
+    assert r.stdout == "OK\n0\n1\n"
+    assert r.returncode != 0 and "Nothing has been loaded" in r.stderr
+    st = khofs.status()
+    assert (st["kexec_crash_loaded"], st["kexec_loaded"], st["kexec_count"]) == (True, False, 0)
+    r = krun(khofs, "sh", "-c", f"{kf} fd:-1 3 && cat /sys/kernel/kexec_crash_loaded")
+    assert r.stdout == "OK\n0\n"
+
+
+@pytest.mark.parametrize("args, want", [
+    (["img", "6"], "EADDRNOTAVAIL"),            # no crashkernel= on the command line
+    (["img", "0x400"], "EINVAL"),               # an unknown flag
+    (["fd:-1", "4"], "EBADF"),
+    (["fd:99", "4"], "EBADF"),
+    (["/etc/hostname", "4"], "ENOEXEC"),
+    (["img", "0"], "EBADF"),                    # initrd fd -1 read without NO_INITRAMFS
+    (["img", "4", "kho=on", "6"], "EINVAL"),    # the last byte is not NUL
+    (["img", "4", "x" * 2100], "EINVAL"),       # longer than the header's cmdline_size
+    (["img", "4", "kho=on", str(8 << 20)], "ENOMEM"),
+])
+def test_kexec_file_load_errno(khofs, clients, args, want):
+    args = [str(clients / "img-6.18.9") if a == "img" else a for a in args]
+    r = krun(khofs, clients / "kexec_file", *args)
+    assert r.stdout == want + "\n", r.stderr
+    assert khofs.status()["kexec_loaded"] is False
+
+
+def test_kexec_file_load_eperm_as_nobody(khofs, clients):
+    # permission comes before the fd is looked at
+    r = krun(khofs, *NOBODY, clients / "kexec_file", "fd:-1", "4")
+    assert r.stdout == "EPERM\n", r.stderr
