@@ -105,3 +105,50 @@ def test_daemon_killed_during_run(khofs):
     assert wait_gone(marker) == []
     assert wait_gone("khofs.run.init") == []
     assert host_view() == before
+
+
+def in_syscall(pid: int) -> int | None:
+    """The syscall number pid is blocked in, or None."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return int(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_tool_killed_mid_call(khofs, tmp_path):
+    # With the tool started, the daemon is stopped, so the supervisor waits on it while the
+    # tool sits inside a caught call (kexec_file_load, or the uname kexec-tools makes first);
+    # the tool is killed there, then the daemon goes on.
+    from khofs import runtime
+    img = tmp_path / "img"
+    subprocess.run(KHOFS + ["image", "--release", "6.18.9", "-o", str(img)], check=True)
+    before = host_view()
+    daemon = runtime.read_info(str(khofs.root))["pid"]
+    marker = "khofs-fault-midcall"
+    p = subprocess.Popen(KHOFS + ["run", str(khofs.root), "--", "sh", "-c",
+                                  f'echo up; read go; exec kexec -s -l {img} --append {marker}'],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "up\n"
+    try:
+        os.kill(daemon, signal.SIGSTOP)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        end = time.monotonic() + 20
+        tool = []
+        while time.monotonic() < end:
+            tool = [pid for pid in procs_with(marker) if in_syscall(pid) in (63, 320)]
+            if tool:
+                break
+            time.sleep(0.05)
+        assert tool, "the tool never reached a caught call"
+        os.kill(tool[0], signal.SIGKILL)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    p.wait(timeout=20)
+    assert p.returncode == 128 + signal.SIGKILL
+    assert wait_gone(marker) == []
+    assert wait_gone("khofs.run.init") == []
+    assert host_view() == before
+    assert khofs.status()["kexec_count"] == 0       # the daemon and the mount carry on
