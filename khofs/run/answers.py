@@ -38,11 +38,19 @@ class Answers:
     def __init__(self, mnt: str, viewdir: str, link, fd: int):
         self.mnt, self.viewdir, self.link, self.fd = mnt, viewdir, link, fd
         self.names = notify.syscall_numbers()
+        self.status = None
+
+    async def current(self) -> dict:
+        """The status as of the last refresh (the run changes it only through its answers)."""
+        if self.status is None:
+            await self.refresh()
+        return self.status
 
     async def refresh(self) -> dict:
         """The emulated kernel's status, and the view's files rewritten from it."""
         st = await self.link.call("status")
         view.write_files(self.viewdir, st)
+        self.status = st
         return st
 
     async def handle(self, n: notify.Notification) -> None:
@@ -137,7 +145,7 @@ class Answers:
 
     async def uname(self, n, t: Target):
         """uname(2): the host's struct new_utsname with the emulated release."""
-        st = await self.refresh()
+        st = await self.current()
         u = os.uname()
         fields = (u.sysname, u.nodename, st["release"], u.version, u.machine,
                   _domainname())

@@ -239,3 +239,17 @@ def test_kexec_file_load_eperm_as_nobody(khofs, clients):
     # permission comes before the fd is looked at
     r = krun(khofs, *NOBODY, clients / "kexec_file", "fd:-1", "4")
     assert r.stdout == "EPERM\n", r.stderr
+
+
+@pytest.mark.parametrize("cmd", ["0xCDEF0123", "0x4321FEDC"], ids=["halt", "power_off"])
+def test_halt_and_power_off_end_the_run(khofs, clients, cmd):
+    r = krun(khofs, "sh", "-c", f"{clients}/kho_init reboot {cmd}; echo not reached")
+    assert (r.returncode, r.stdout) == (0, "")
+    st = khofs.status()
+    assert (st["kexec_count"], st["release"]) == (0, "6.18.0-khofs")    # the machine stays
+
+
+def test_cad_and_unknown_reboot_commands(khofs, clients):
+    r = krun(khofs, "sh", "-c", f"{clients}/kho_init reboot 0x89ABCDEF; "
+             f"{clients}/kho_init reboot 0; {clients}/kho_init reboot 0x1234")
+    assert r.stdout == "reboot: returned\nreboot: returned\nreboot: EINVAL\n"

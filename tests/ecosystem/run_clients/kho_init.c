@@ -3,7 +3,7 @@
 // paths as arguments: mount debugfs and proc, finalize KHO (optional), load the next kernel
 // with the running one's command line through kexec_file_load, and kexec into it.
 // usage: kho_init DEBUGFS_DIR KERNEL [finalize|nofinalize] [fork]
-//        kho_init reboot          (only reboot(RB_KEXEC); prints the errno)
+//        kho_init reboot [CMD]    (only reboot(CMD), RB_KEXEC by default; prints the errno)
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +13,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/syscall.h>
+#include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -68,9 +69,13 @@ int main(int argc, char **argv)
 	int st;
 	pid_t pid;
 
-	if (argc == 2 && !strcmp(argv[1], "reboot")) {
-		if (reboot(RB_KEXEC) < 0)
+	if (argc >= 2 && !strcmp(argv[1], "reboot")) {
+		int cmd = argc > 2 ? (int)strtoul(argv[2], NULL, 0) : RB_KEXEC;
+
+		if (reboot(cmd) < 0)
 			printf("reboot: %s\n", strerrorname_np(errno));
+		else
+			printf("reboot: returned\n");
 		return 0;
 	}
 	if (argc < 4)
