@@ -253,3 +253,13 @@ def test_cad_and_unknown_reboot_commands(khofs, clients):
     r = krun(khofs, "sh", "-c", f"{clients}/kho_init reboot 0x89ABCDEF; "
              f"{clients}/kho_init reboot 0; {clients}/kho_init reboot 0x1234")
     assert r.stdout == "reboot: returned\nreboot: returned\nreboot: EINVAL\n"
+
+
+def test_no_seccomp_user_notification(khofs, monkeypatch, capsys):
+    from khofs.cli import main
+    from khofs.run import notify
+    monkeypatch.setattr(notify, "available", lambda: "this kernel has no seccomp user "
+                        "notification (SECCOMP_RET_USER_NOTIF)")
+    assert main(["run", str(khofs.root), "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seccomp user notification" in err
