@@ -4,9 +4,6 @@
 import base64
 import errno
 import os
-import sys
-
-import trio
 
 from . import notify, view
 from .link import LinkError
@@ -177,7 +174,7 @@ class Answers:
             except OSError as e:
                 return ("err", e.errno)
         else:
-            err = await _lookup_as(t, target)
+            err = _lookup_as(t, target)
             return ("err", err or errno.EPERM)
         if not notify.valid(self.fd, n.id):
             return None
@@ -195,21 +192,29 @@ class Answers:
         return ("err", err) if err else ("val", 0)
 
 
-_STAT = "import os, sys\ntry:\n os.stat(sys.argv[1])\nexcept OSError as e:\n sys.exit(e.errno)"
-
-
-async def _lookup_as(t: Target, target: bytes) -> int:
-    """The errno of looking target up with the thread's uid, gid and groups (0: found)."""
+def _lookup_as(t: Target, target: bytes) -> int:
+    """The errno of looking target up with the thread's uid, gid and groups (0: found).
+    A forked child takes those rights and is reaped here at once, so the run's reaper
+    (PID 1 collects every child) never races for it."""
     try:
         uid, gid, groups = t.creds()
         path = t.plain_path(target)
     except OSError:
         return errno.ESRCH
-    grp = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
-    r = await trio.run_process(["setpriv", "--reuid", str(uid), "--regid", str(gid), *grp,
-                                sys.executable, "-c", _STAT, path], check=False,
-                               capture_stdout=True, capture_stderr=True)
-    return r.returncode
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os.stat(path)
+            os._exit(0)
+        except OSError as e:
+            os._exit(e.errno or errno.EIO)
+        except BaseException:
+            os._exit(errno.EIO)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _domainname() -> str:
