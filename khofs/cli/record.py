@@ -1,10 +1,11 @@
 """khofs record: keep a kho/ debugfs tree (a real kernel's, a copy, a khofs mount's) in a file."""
 
+import base64
 import os
 import time
 
 from ..kernel.profile import PROFILES
-from .common import EXIT_FAIL, EXIT_OK, client, err, release_arg
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, kernels_differ, release_arg
 from .show import _mount_of
 
 SYSTEM_KHO = "/sys/kernel/debug/kho"
@@ -14,7 +15,6 @@ def _source(kho: str, tree) -> None:
     """What the tree's source can tell beyond debugfs: release, cmdline, ABI, whole root FDT."""
     from ..devicetree.snapshot import ROOT_FDT
     from ..kernel.fdt import totalsize
-    from ..kernel.profile import get_profile
     mnt = _mount_of(kho)
     if mnt is not None:
         with client(mnt) as c:
@@ -25,10 +25,10 @@ def _source(kho: str, tree) -> None:
             fdt = tree.read("out/fdt")
             # 7.x sizes out/fdt once, when it makes the file, and shows none after a kexec;
             # the FDT itself lives on in its page.
-            if get_profile(st["abi"]).fdt_at_boot and st["kho_enabled"] and (
-                    fdt is None or len(fdt) < 8 or totalsize(fdt) > len(fdt)):
-                phys = c.call("memory_layout")["fdt_phys"]
-                tree.extra[ROOT_FDT] = c.mem_read(phys, totalsize(c.mem_read(phys, 8)))
+            if fdt is None or len(fdt) < 8 or totalsize(fdt) > len(fdt):
+                whole = c.call("root_fdt")["fdt"]
+                if whole is not None:
+                    tree.extra[ROOT_FDT] = base64.b64decode(whole)
         return
     if os.path.realpath(kho) == os.path.realpath(SYSTEM_KHO):
         with open("/proc/cmdline", "rb") as f:
@@ -43,6 +43,10 @@ def cmd_record(args) -> int:
     """khofs record SNAPSHOT [--from DIR]."""
     from ..client import ControlError
     from ..devicetree.snapshot import SnapshotError, read_dir, recording, save
+    why = kernels_differ(args.abi, args.release)
+    if why:
+        err(why)
+        return EXIT_USAGE
     src = args.source
     kho = os.path.join(src, "kho") if os.path.isdir(os.path.join(src, "kho")) else src
     if not os.path.isdir(os.path.join(kho, "out")):
@@ -84,8 +88,9 @@ def add_record(sub) -> None:
                    help=f"the kho/ directory (default {SYSTEM_KHO}), or a khofs mount point")
     r.add_argument("--abi", choices=list(PROFILES),
                    help="the recorded kernel's ABI profile, where the tree cannot tell (a copy: "
-                   "by default its release's, else 7.1 for kho-v3, 7.0 for a short kho-v1 "
-                   "out/fdt, 6.18 otherwise)")
+                   "by default its release's, else 7.1 for kho-v3, 7.4 for kho-v4 beside "
+                   "bootmem_* files and 7.2 beside scratch_*, 7.0 for a short kho-v1 out/fdt, "
+                   "6.18 otherwise)")
     r.add_argument("--release", type=release_arg, metavar="R",
                    help="the recorded kernel's uname -r (a copy has none)")
     r.add_argument("--cmdline", help="the recorded kernel's command line (a copy has none; "

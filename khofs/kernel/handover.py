@@ -21,7 +21,6 @@ class KexecImage:
     fdt_phys: int | None = None
     scratch_bytes: bytes | None = None
     abi: str | None = None          # the loaded kernel's ABI profile
-    kho: bool = True                # the loaded kernel has KHO (its release is 6.16 or later)
 
 
 @dataclass

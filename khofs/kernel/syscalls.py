@@ -15,7 +15,7 @@ from . import bzimage, kexec_mem
 from .errors import KernelError
 from .handover import KexecImage
 from .kexec import kexec_load as attach_handover
-from .replay import profile_of_release
+from .profile import NO_KHO, NO_KHO_KEXEC_FILE_FLAGS, get_profile, release_profile_name
 
 # uapi/linux/kexec.h
 KEXEC_FILE_UNLOAD = 0x1
@@ -52,14 +52,9 @@ CMD_SW_SUSPEND = 0xD000FCE2
 CMD_KEXEC = 0x45584543
 
 
-def kexec_file_flags(release_profile: str) -> int:
-    """KEXEC_FILE_FLAGS of a profile's release (release boundaries inferred, docs/run.md)."""
-    flags = KEXEC_FILE_UNLOAD | KEXEC_FILE_ON_CRASH | KEXEC_FILE_NO_INITRAMFS | KEXEC_FILE_DEBUG
-    if release_profile != "6.16":
-        flags |= KEXEC_FILE_NO_CMA
-    if release_profile in ("7.0", "7.1"):
-        flags |= KEXEC_FILE_FORCE_DTB
-    return flags
+def kexec_file_flags(profile) -> int:
+    """KEXEC_FILE_FLAGS of the running kernel (its profile; None: a kernel without KHO)."""
+    return profile.kexec_file_flags if profile is not None else NO_KHO_KEXEC_FILE_FLAGS
 
 
 def read_file_errno(st_mode: int | None, readable: bool, size: int) -> int | None:
@@ -81,8 +76,7 @@ class LoadResult:
     crash: bool
     unloaded: bool = False
     release: str | None = None
-    abi: str | None = None
-    kho: bool = True
+    abi: str | None = None          # the next kernel's profile ("none": without KHO)
     handover: bool = False
     cmdline: str | None = None
 
@@ -107,7 +101,7 @@ def sys_kexec_file_load(machine, *, cap_sys_boot: bool, flags: int, kernel, init
     crash = bool(flags & KEXEC_FILE_ON_CRASH)
     if not cap_sys_boot:
         raise KernelError(errno.EPERM, "kexec_load_permitted: no CAP_SYS_BOOT")
-    if flags != flags & kexec_file_flags(machine.profile.name):
+    if flags != flags & kexec_file_flags(machine.profile):
         raise KernelError(errno.EINVAL, f"unknown kexec_file_load flags 0x{flags:x}")
     if flags & KEXEC_FILE_UNLOAD:
         if crash:
@@ -147,16 +141,15 @@ def sys_kexec_file_load(machine, *, cap_sys_boot: bool, flags: int, kernel, init
         raise KernelError(errno.EADDRNOTAVAIL, "the image's segments do not fit in "
                           + ("the KHO scratch areas" if areas is machine.scratch else "memory"))
     release = hdr.release
-    abi = profile_of_release(release) if release else machine.profile.name
-    kho = abi is not None
     if crash:
+        named = release_profile_name(release)
+        nxt = get_profile(named) if named else machine.profile
+        abi = nxt.name if nxt else NO_KHO
         machine.crash_image = KexecImage(text, release or machine.release, abi=abi)
-        return LoadResult(True, release=release, abi=abi, kho=kho, cmdline=text)
-    img = attach_handover(machine, text, release, abi or machine.profile.name)
-    img.kho = kho
-    if not kho:
-        img.fdt_phys = img.scratch_bytes = None
-    return LoadResult(False, release=img.release, abi=img.abi if kho else None, kho=kho,
+        return LoadResult(True, release=release, abi=abi, cmdline=text)
+    # The image's release picks the next kernel's profile; without one, the running one.
+    img = attach_handover(machine, text, release)
+    return LoadResult(False, release=img.release, abi=img.abi,
                       handover=img.fdt_phys is not None, cmdline=text)
 
 
@@ -190,14 +183,15 @@ def sys_kexec_load(machine, *, cap_sys_boot: bool, entry: int, nr_segments: int,
         raise KernelError(bufs, "copying a segment's buffer failed")
     release, text = boot_params_of(table, bufs or [])
     # No KHO handover: kho_fill_kimage runs only for kexec_file_load.
+    named = release_profile_name(release)
+    nxt = get_profile(named) if named else machine.profile
     img = KexecImage(text if text is not None else "", release or machine.release,
-                     abi=(profile_of_release(release) if release else None) or machine.profile.name)
-    img.kho = not release or profile_of_release(release) is not None
+                     abi=nxt.name if nxt else NO_KHO)
     if crash:
         machine.crash_image = img
     else:
         machine.image = img
-    return LoadResult(crash, release=img.release, abi=img.abi, kho=img.kho, cmdline=img.cmdline)
+    return LoadResult(crash, release=img.release, abi=img.abi, cmdline=img.cmdline)
 
 
 def sanity_check_segment_list(table, mem_size: int) -> None:

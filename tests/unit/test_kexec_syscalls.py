@@ -47,9 +47,10 @@ def test_order_of_checks():
 
 
 def test_flags_per_release():
-    assert sc.kexec_file_flags("6.16") == 0xF
-    assert sc.kexec_file_flags("6.18") == 0x1F
-    assert sc.kexec_file_flags("7.1") == 0x3F
+    from khofs.kernel.profile import PROFILES
+    want = {"6.16": 0xF, "6.18": 0x1F, "7.0": 0x3F, "7.1": 0x3F, "7.2": 0x3F, "7.4": 0x3F}
+    assert {n: sc.kexec_file_flags(p) for n, p in PROFILES.items()} == want
+    assert sc.kexec_file_flags(None) == 0xF            # a kernel before KHO
     m = Machine("kho=on", MachineConfig(abi="6.16"))
     assert errno_of(load, m, flags=sc.KEXEC_FILE_NO_INITRAMFS | sc.KEXEC_FILE_NO_CMA) == errno.EINVAL
 
@@ -72,6 +73,14 @@ def test_crash_load_needs_crashkernel():
     m = Machine("kho=on")
     assert errno_of(load, m, flags=sc.KEXEC_FILE_ON_CRASH | sc.KEXEC_FILE_NO_INITRAMFS) == \
         errno.EADDRNOTAVAIL
+
+
+def test_the_image_release_picks_the_next_kernel():
+    m = Machine("kho=on")
+    assert (load(m, kernel=make_image("7.2.1")).abi, m.image.release) == ("7.2", "7.2.1")
+    assert load(m, kernel=make_image("6.12.5")).abi == "none"
+    r = load(m, kernel=make_image("6.18.9")[:0x20E] + b"\0\0" + make_image("6.18.9")[0x210:])
+    assert (r.abi, r.release) == ("6.18", m.release)       # no version string: this kernel's
 
 
 def test_segments_must_fit_in_scratch():
