@@ -102,6 +102,11 @@ class KhofsMount:
         """Cold-boot the kernel in place (khofs reboot)."""
         return self.ctl.reboot(**args)
 
+    def run(self, argv, stderr=None) -> tuple[int, bool, list[str]]:
+        """khofs run of argv on this machine: (exit status, kexec'd, the new boot's lines)."""
+        from .run import run
+        return run(str(self.root), [str(a) for a in argv], stderr=stderr)
+
     def status(self) -> dict:
         """The kernel's status."""
         return self.ctl.status()

@@ -82,6 +82,8 @@ class Control:
             cmd = req.get("cmd")
             if not isinstance(cmd, str):
                 raise BadRequest("'cmd' must be a string")
+            if cmd not in COMMANDS and cmd.startswith("sys_"):
+                from . import syscalls  # noqa: F401  (registers the requests of khofs run)
             if cmd not in COMMANDS:
                 raise BadRequest(f"unknown command {cmd!r} (known: {', '.join(sorted(COMMANDS))})",
                                  errno.EOPNOTSUPP)
