@@ -189,3 +189,20 @@ def test_618_finalize_rebuilds_what_a_write_into_out_fdt_changed(mount_khofs):
     assert status(m)["oops"] is None
     k = khofs("kexec", m.path)
     assert "Revived memory reservation 'oops' from KHO" in k.stdout
+
+
+def test_70_reboot_ends_the_held_lock(mount_khofs):
+    m = mount70(mount_khofs)
+    oops(m)
+    w = sleeper([sys.executable, "-c", WRITER, fin(m)])
+    try:
+        wait_until(lambda: asleep(m, 1), what="the writer asleep on kho_out.lock")
+        r = khofs("reboot", m.path)
+        assert r.returncode == 0, r.stderr
+        assert w.wait(timeout=20) == 0 and w.stdout.read() == f"{errno.EIO}\n"
+    finally:
+        if w.poll() is None:
+            w.kill()
+    st = status(m)
+    assert st["oops"] is None and st["tainted"] is None
+    assert sh(f"echo 1 > {fin(m)}").returncode == 0
