@@ -3,7 +3,11 @@
 import argparse
 import errno
 import json
+import os
+import signal
 import sys
+
+from .. import runtime
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -68,3 +72,33 @@ def print_result(args, result: dict, text: str | None = None) -> None:
         print(json.dumps(result, indent=2))
     elif text is not None:
         print(text)
+
+
+def stop_lock_sleepers(mnt: str, info) -> bool:
+    """If requests sleep on a kho_out.lock a 7.0 oops left held (their open files keep the
+    mount busy), SIGTERM the daemon: it answers them EIO and unmounts itself. Whether it did."""
+    from ..client import ControlError
+    if not (info and runtime.pid_alive(info.get("pid", 0))):
+        return False
+    try:
+        with client(mnt) as c:
+            oops = c.status().get("oops")
+    except ControlError:
+        return False
+    if not (oops and oops["lock_waiters"]):
+        return False
+    os.kill(info["pid"], signal.SIGTERM)
+    return True
+
+
+def oops_lines(st: dict) -> list:
+    """khofs status's lines for a 7.0 oops (none without one)."""
+    oops = st.get("oops")
+    if not oops:
+        return []
+    return [f"oops:             {oops['bug']} in {oops['function']} "
+            f"(pid {oops['pid']}, {oops['comm']}, killed)",
+            f"oops cause:       {oops['cause']}",
+            f"tainted:          {st['tainted']}",
+            f"{oops['lock']}:     held until a kexec or a reboot; "
+            f"{oops['lock_waiters']} request(s) asleep on it"]

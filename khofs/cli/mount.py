@@ -11,7 +11,7 @@ from .. import runtime
 from ..kernel.boot import DEFAULT_BOOT_RESERVED, DEFAULT_MEMORY
 from ..kernel.profile import PROFILES
 from .common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, errno_name, kernels_differ,
-                     release_arg, size_arg)
+                     oops_lines, release_arg, size_arg, stop_lock_sleepers)
 
 
 def cmd_mount(args) -> int:
@@ -218,7 +218,7 @@ def cmd_umount(args) -> int:
     if mounted:
         import subprocess       # not at the top: every mount would pay for it
         r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
-        if r.returncode != 0:
+        if r.returncode != 0 and not stop_lock_sleepers(mnt, info):
             if "not connected" in r.stderr or not (info and runtime.pid_alive(info.get("pid", 0))):
                 r = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
             if r.returncode != 0:
@@ -295,6 +295,7 @@ def cmd_status(args) -> int:
     print(f"preserved:        {st['preserved_bytes']} bytes")
     for i, s in enumerate(st["scratch"]):
         print(f"scratch[{i}]:       0x{s['addr']:x} + 0x{s['size']:x}")
+    print("".join(line + "\n" for line in oops_lines(st)), end="")
     for n in st["kexec_notes"]:
         print(f"kexec note:       {n}")
     from ..kernel.replay import replay_lines

@@ -92,6 +92,7 @@ class Daemon:
             task_status.started()
             async for sig in sigs:
                 self.signalled = sig
+                self.ops.held_lock.stop()     # sleepers on a held kho_out.lock get EIO
                 pyfuse3.terminate()
                 return
 

@@ -87,8 +87,8 @@ class File(Node):
         """The length a read to EOF returns now."""
         return 0
 
-    def open(self) -> "Handle":
-        """A handle for one open(2) of the file."""
+    def open(self, task=None) -> "Handle":
+        """A handle for one open(2) of the file (by task, if known)."""
         return self.handle(self)
 
 
@@ -117,11 +117,12 @@ class ShowFile(File):
 
 class AttrHandle(Handle):
     """An open DEFINE_DEBUGFS_ATTRIBUTE file: "%llu\n" out, kstrtoull in."""
-    __slots__ = ("get_buf",)
+    __slots__ = ("get_buf", "task")
 
-    def __init__(self, node):
+    def __init__(self, node, task=None):
         self.node = node
         self.get_buf = b""
+        self.task = task        # who opened it: the `current` of its writes
 
     def read(self, off, size):
         """The value as text, read at the open's first read and kept for the rest."""
@@ -134,7 +135,7 @@ class AttrHandle(Handle):
         """Parse the bytes with kstrtoull and set the attribute; its errno if refused."""
         self._live()
         val = kstrtoull(bytes(data[:SIMPLE_ATTR_BUF - 1]), 0)
-        self.node.set(val)
+        self.node.set(val, self.task)
         return len(data)
 
 
@@ -143,13 +144,18 @@ class AttrFile(File):
     handle = AttrHandle
     nonseekable = True
 
-    def __init__(self, tree, name, parent, mode, get, set_):
+    def __init__(self, tree, name, parent, mode, get, set_, peek=None):
         super().__init__(tree, name, parent, mode)
         self.get, self.set = get, set_
+        self.peek = peek or get     # the value without the kernel's locking, for stat
 
     def content_size(self) -> int:
         """The length of the attribute's value as text."""
-        return len(b"%d\n" % self.get())
+        return len(b"%d\n" % self.peek())
+
+    def open(self, task=None) -> "AttrHandle":
+        """A handle whose writes set the attribute on behalf of task."""
+        return AttrHandle(self, task)
 
 
 class BlobHandle(Handle):
@@ -172,6 +178,7 @@ class BlobHandle(Handle):
             return 0
         n = min(len(data), b.size - off)
         self.node.mem.write(b.phys + off, data[:n])
+        b.written = True
         return n
 
 
@@ -220,7 +227,8 @@ class Tree:
         self.finalize = None
         if machine.profile.has_finalize:
             self.finalize = self._add(AttrFile(self, "finalize", self.out, 0o600,
-                                               lambda: int(kho_out.finalized), kho_out.set_finalize))
+                                               kho_out.get_finalize, kho_out.set_finalize,
+                                               lambda: int(kho_out.finalized)))
         kho_in = machine.kho_in
         if kho_in is not None:
             # kho_in_debugfs_init: in/, in/sub_fdts/, in/fdt, then one blob per subtree.

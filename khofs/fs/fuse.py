@@ -18,8 +18,10 @@ import pyfuse3
 import trio
 
 from .boots import OldBoots
-from .debugfs import ROOT_INO, Dir, File, Node, Tree
+from .debugfs import ROOT_INO, AttrFile, Dir, File, Node, Tree
+from .oops import HeldLock, kill_oopsed, task_of
 from ..kernel.errors import KernelError
+from ..kernel.oops import LockHeld, Oops
 
 TTL = 60.0
 NAME_MAX = 255      # debugfs names: simple_lookup() refuses longer ones
@@ -74,6 +76,11 @@ def request(opcode: str, nodeid=None):
                 return fn(self, *args)
             except pyfuse3.FUSEError:
                 raise
+            except LockHeld as e:
+                try:
+                    await self.held_lock.sleep(e, opcode, self.tree.machine.release, log)
+                except KernelError as woken:
+                    raise pyfuse3.FUSEError(woken.errno) from None
             except KernelError as e:
                 raise pyfuse3.FUSEError(e.errno) from None
             except Exception:
@@ -137,6 +144,7 @@ class KhoOperations(pyfuse3.Operations):
         self.old_boots = OldBoots()
         self._retired: list[tuple] = []       # old boots' entries not yet invalidated
         self._retired_data: set[int] = set()  # old boots' files whose pages the kernel may hold
+        self.held_lock = HeldLock(lambda: self.tree.machine.kho_out, trio.Event)
 
     def new_boot(self, machine) -> None:
         """Serve the tree of a new boot (after a kexec or a reboot). The old boot's entries,
@@ -185,6 +193,7 @@ class KhoOperations(pyfuse3.Operations):
         cache, what it cached."""
         tree = self.tree
         tree.sync()
+        self.held_lock.wake()        # a kexec or a reboot ends the lock an oops left held
         entries = self._retired + tree.take_removed()
         inodes = [ROOT_INO] if self._retired else []
         retired_data, self._retired, self._retired_data = self._retired_data, [], set()
@@ -275,7 +284,9 @@ class KhoOperations(pyfuse3.Operations):
         if not isinstance(node, File):
             raise KernelError(errno.EISDIR)
         fh = self._fh()
-        self.handles[fh] = node.open()
+        # An attribute write may oops the kernel, which then kills its task.
+        writes = isinstance(node, AttrFile) and flags & os.O_ACCMODE != os.O_RDONLY
+        self.handles[fh] = node.open(task_of(ctx)) if writes else node.open()
         if flags & os.O_APPEND:
             self._append_pos[fh] = 0
         if self.page_cache and flags & os.O_ACCMODE == os.O_RDONLY:
@@ -297,12 +308,18 @@ class KhoOperations(pyfuse3.Operations):
     @request("WRITE", _file_ino)
     async def write(self, fh, off, buf):
         """FUSE WRITE: the write's result, after settling what the state change moved."""
+        handle = self.handles[fh]
         try:
             pos = self._append_pos.get(fh)
-            n = self.handles[fh].write(off if pos is None else pos, buf)
+            n = handle.write(off if pos is None else pos, buf)
             if pos is not None:
                 self._append_pos[fh] = pos + n
             return n
+        except Oops as e:
+            for line in e.lines:
+                log(f"kernel: {line}")
+            kill_oopsed(e, log)
+            raise
         finally:
             await self.settle()
 

@@ -12,6 +12,8 @@ from .kho_fdt import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_N
                       PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT, add_subtree_in_place,
                       new_root_fdt)
 from .memtrack import MemTracker
+from .oops import (CAUSE_OTHER, CAUSE_OUT_FDT, LockHeld, Oops, OopsRecord, Task, cause_line,
+                   oops_lines)
 from .radix import RadixTracker
 from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, PageAllocator, PhysMem
 from .profile import Profile
@@ -41,6 +43,7 @@ class Blob:
     phys: int
     size: int
     seq: int = 0
+    written: bool = False    # something was written into the blob through debugfs
 
 
 @dataclass
@@ -62,6 +65,7 @@ class KhoOut:
     cold_boot: bool = True   # no handover was accepted (6.19+: out/fdt exists only then)
     release: str = ""
     in_kexec_count: int = 0  # kho_in.kexec_count (7.1 kexec-metadata), 0 on a cold boot
+    oops: OopsRecord | None = None   # 7.0: kho_finalize oopsed; kho_out.lock stays held
 
     def __post_init__(self):
         prof = self.profile
@@ -214,8 +218,14 @@ class KhoOut:
             raise KernelError(errno.ENOMEM, "the root FDT cannot be opened")
         return buf
 
+    def _take_lock(self, what: str) -> None:
+        """mutex_lock(&kho_out.lock), which the task that oopsed holds for ever."""
+        if self.oops is not None:
+            raise LockHeld(self, what)
+
     def _add_subtree_in_place(self, name: str, phys: int, size: int | None) -> None:
         """6.19+: edit the live root FDT with libfdt; children end up newest first."""
+        self._take_lock("kho_add_subtree")
         buf = bytearray(self.mem.read(self.fdt_page, PAGE_SIZE))
         err = add_subtree_in_place(buf, self.profile, name, phys, size)
         if err is None:
@@ -226,6 +236,8 @@ class KhoOut:
 
     def remove_subtree(self, phys: int) -> None:
         """kho_remove_subtree: drop the child that points at phys, and its debugfs blob."""
+        if self.profile.fdt_at_boot:
+            self._take_lock("kho_remove_subtree")
         buf = self._open_root()
         f = libfdt.Fdt(buf)
         off = f.first_subnode(0, (libfdt.NOTFOUND,))
@@ -243,17 +255,32 @@ class KhoOut:
         libfdt.fdt_pack(buf)
         self.mem.write(self.fdt_page, buf)
 
-    def _refresh(self) -> None:
+    def _refresh(self, task: Task | None) -> None:
         """6.19 kho_finalize: serialize the map again, swap it into the FDT in place."""
+        self._take_lock("a write of out/finalize")
         for p in list(self.producers):
             p.finalize(self)          # only fault injection sits here in 6.19+
         first, chunks = self.track.serialize()
         page = bytearray(self.mem.read(self.fdt_page, PAGE_SIZE))
+        # kho_update_memory_map: fdt_getprop_w() as libfdt answers it on the live page.
+        if libfdt.fdt_getprop(page, 0, PROP_PRESERVED_MEMORY_MAP)[0] is None:
+            self._oops(task or Task(), page)
         off = prop_value_offset(page, 0, PROP_PRESERVED_MEMORY_MAP)
         self.mem.write(self.fdt_page + off, u64(first))
         for c in self.map_chunks:           # kho_update_memory_map frees the previous list
             self.kmalloc.kfree(c)
         self.preserved_mem_map, self.map_chunks = first, chunks
+
+    def _oops(self, task: Task, page: bytes) -> None:
+        """The store through NULL: the task dies holding kho_out.lock. The new map's chunks
+        stay allocated, unreferenced, as in the kernel."""
+        out_fdt = next((b for d, b in self.fdt_list if d == "out" and b.name == "fdt"), None)
+        cause = CAUSE_OUT_FDT if out_fdt is not None and out_fdt.written else CAUSE_OTHER
+        self.oops = OopsRecord(task, cause, bytes(page[:4]))
+        lines = oops_lines(task, self.release) + [cause_line(self.oops)]
+        for line in lines:
+            self.log(line)
+        raise Oops(self.oops, lines)
 
     # -- finalize / abort ---------------------------------------------------
     def _finalize(self) -> None:
@@ -303,13 +330,19 @@ class KhoOut:
             self.log(f"KHO: Failed to abort KHO finalization: {-e.errno}")
             raise
 
-    def set_finalize(self, val: int) -> None:
-        """kho_out_finalize_set: the write handler of out/finalize."""
+    def get_finalize(self) -> int:
+        """kho_out_finalize_get: the read handler of out/finalize (kho_finalized() in 6.19+
+        takes kho_out.lock too)."""
+        self._take_lock("a read of out/finalize")
+        return int(self.finalized)
+
+    def set_finalize(self, val: int, task: Task | None = None) -> None:
+        """kho_out_finalize_set: the write handler of out/finalize, called by task."""
         if self.profile.fdt_at_boot:
             # 6.19: any nonzero value refreshes the map; 0 is always EINVAL.
             if not val:
                 raise KernelError(errno.EINVAL, "KHO finalization cannot be undone in this ABI")
-            self._refresh()
+            self._refresh(task)
             self.finalized = True
             return
         want = bool(val)

@@ -13,6 +13,7 @@ from .kho_in import (kexec_metadata_in, kho_populate, preserved_runs, retrieve_s
                      sub_fdt_entries)
 from .kstrtox import kstrtobool
 from .memtrack import MapError
+from .oops import TAINT_AFTER_OOPS
 from .physmem import PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem, RangeSet
 from .producers.memblock import (MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE,
                                  RESERVE_MEM_KHO_NODE_COMPATIBLE, MemblockProducer, ReserveMem,
@@ -351,6 +352,9 @@ class Machine:
             "any_blob": bool(self.profile and self.profile.blob_size),
             "kexec_notes": self.kexec_notes,
             "replay": self.replay,
+            # 7.0: kho_finalize oopsed (see kernel/oops.py); the kernel is tainted D from then on
+            "oops": out.oops.status() if out and out.oops else None,
+            "tainted": TAINT_AFTER_OOPS if out and out.oops else None,
         }
 
     def root_fdt(self) -> bytes | None:

@@ -37,7 +37,7 @@ class Profile:
     scratch_param: str = "kho_scratch"
     # the log lines that differ
     found_line: str = "KHO: found kexec handover data. Will skip init for some devices"
-    revival_errno: bool = True   # "KHO: disabling KHO revival: ERR" (7.1: no number)
+    revival_errno: bool = True   # "KHO: disabling KHO revival: ERR" (the number went after v6.19)
     map_error_line: str = "KHO: failed to get preserved memory bitmaps"
     bad_sub_prop_line: str = "KHO: node `{name}`'s prop `fdt` has invalid length: {len}"
     # KEXEC_FILE_FLAGS (inferred, docs/run.md): UNLOAD|ON_CRASH|NO_INITRAMFS|DEBUG, NO_CMA
@@ -55,7 +55,7 @@ class Profile:
         return self.has_finalize and not self.fdt_at_boot
 
     def revival_line(self, err: int) -> str:
-        """kho_populate's failure line."""
+        """kho_populate's failure line: from 7.0 on without the error number."""
         return f"KHO: disabling KHO revival: {err}" if self.revival_errno \
             else "KHO: disabling KHO revival"
 
@@ -64,7 +64,7 @@ _P616 = Profile("6.16", (6, 16), 512 * 8, False, False, False, preserve_phys=Tru
                 vmalloc_folios_info=False, kexec_file_flags=0xF)
 _P618 = Profile("6.18", (6, 18), 4096 * 8, True, True, True)
 _P70 = Profile("7.0", (6, 19), 4096 * 8, True, False, True, fdt_at_boot=True, kexec_file_flags=0x3F,
-               found_line="KHO: found kexec handover data.",
+               found_line="KHO: found kexec handover data.", revival_errno=False,
                bad_sub_prop_line="KHO: node {name} prop {prop} has invalid length: {len}")
 _P71 = Profile("7.1", (7, 1), 4096 * 8, True, False, True, fdt_at_boot=True, kexec_file_flags=0x3F,
                has_finalize=False, compatible="kho-v3", sub_prop="preserved-data",

@@ -198,8 +198,8 @@ FOUND_LINE = {"6.16": "KHO: found kexec handover data. Will skip init for some d
 
 
 def revival_off_line(abi: str, err: int | None = None) -> str:
-    """kho_populate's failure line: 7.1 dropped the number (a prefix when err is None)."""
-    if abi in RADIX_PROFILES:
+    """kho_populate's failure line: 7.0 on dropped the number (a prefix when err is None)."""
+    if abi == "7.0" or abi in RADIX_PROFILES:
         return "KHO: disabling KHO revival"
     return "KHO: disabling KHO revival: " + ("" if err is None else str(err))
 
