@@ -46,15 +46,33 @@ class Client:
         line = self.rfile.readline()
         if not line:
             raise ControlError(errno.ECONNRESET, "the khofs daemon closed the connection")
-        reply = json.loads(line)
-        if not reply.pop("ok"):
-            raise ControlError(reply["errno"], reply["message"])
+        try:
+            reply = json.loads(line)
+            ok = reply.pop("ok")
+        except (ValueError, AttributeError, KeyError, TypeError):
+            raise ControlError(errno.EBADMSG,
+                               f"the khofs daemon sent a malformed reply: {line[:80]!r}") from None
+        if not ok:
+            raise ControlError(reply.get("errno", errno.EIO), reply.get("message", "failed"))
         return reply
 
-    # conveniences
+    # One method per request of docs/control-protocol.md (tests/unit/test_client.py checks).
     def status(self) -> dict:
-        """The emulated kernel's status (as `khofs status --json`)."""
+        """Request status: the emulated kernel's status (as `khofs status --json`)."""
         return self.call("status")
+
+    def memory_layout(self) -> dict:
+        """Request memory_layout: RAM nodes, reserve_mem regions, root FDT pages and the
+        incoming preserved runs (what `khofs map` reads beyond debugfs)."""
+        return self.call("memory_layout")
+
+    def log(self) -> list[str]:
+        """Request log: the kernel log lines of the current boot."""
+        return self.call("log")["lines"]
+
+    def mem_free(self, phys: int) -> None:
+        """Request mem_free: give back an allocation mem_alloc made."""
+        self.call("mem_free", phys=phys)
 
     def mem_alloc(self, size: int) -> int:
         """Allocate size bytes of simulated memory (whole pages); their address."""
@@ -72,9 +90,17 @@ class Client:
         """kho_preserve_pages of [phys, phys + size)."""
         self.call("preserve", phys=phys, size=size)
 
+    def unpreserve(self, phys: int, size: int) -> None:
+        """kho_unpreserve_pages of [phys, phys + size)."""
+        self.call("unpreserve", phys=phys, size=size)
+
     def preserve_folio(self, phys: int, order: int, count: int = 1) -> None:
         """kho_preserve_folio of count order-`order` folios from phys."""
         self.call("preserve_folio", phys=phys, order=order, count=count)
+
+    def unpreserve_folio(self, phys: int, order: int) -> None:
+        """kho_unpreserve_folio of the order-`order` folio at phys."""
+        self.call("unpreserve_folio", phys=phys, order=order)
 
     def subtree_add(self, name: str, blob: bytes, preserve: bool = True) -> int:
         """Register a producer's sub-FDT (or, on 7.1, any blob) as name; its address."""
@@ -90,13 +116,32 @@ class Client:
         """Unregister the subtree name."""
         self.call("subtree_remove", name=name)
 
+    def subtree_list(self) -> list[dict]:
+        """The subtrees registered through the control socket: [{name, phys, size, preserve}]."""
+        return self.call("subtree_list")["subtrees"]
+
+    def test_kho(self, seed: int | None = None) -> None:
+        """Load the KHO test module now (khofs.test_kho=1 does it at boot)."""
+        self.call("test_kho", **({} if seed is None else {"seed": seed}))
+
+    def kexec_load(self, cmdline: str | None = None, release: str | None = None,
+                   abi: str | None = None) -> dict:
+        """kexec -s -l of the next kernel: {cmdline, release, abi, handover}."""
+        return self.call("kexec_load", **_given(cmdline=cmdline, release=release, abi=abi))
+
+    def kexec_exec(self) -> dict:
+        """kexec -e into the loaded kernel: {kexec_count, release, kho_in, notes, log}."""
+        return self.call("kexec_exec")
+
     def kexec(self, cmdline: str | None = None, release: str | None = None,
               abi: str | None = None) -> dict:
         """Load and exec the next kernel; the new boot's log and notes."""
-        fields = {k: v for k, v in (("cmdline", cmdline), ("release", release), ("abi", abi))
-                  if v is not None}
-        return self.call("kexec", **fields)
+        return self.call("kexec", **_given(cmdline=cmdline, release=release, abi=abi))
 
-    def fail(self, op: str, err) -> None:
-        """Make the next op (finalize or abort) fail with err."""
+    def fail(self, op: str, err: str | int) -> None:
+        """Make the next op (finalize or abort) fail with err (a name or number)."""
         self.call("fail", op=op, errno=err)
+
+
+def _given(**fields) -> dict:
+    return {k: v for k, v in fields.items() if v is not None}

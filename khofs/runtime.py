@@ -8,8 +8,10 @@ import time
 
 
 def runtime_dir() -> str:
-    """Where mounts' runtime files live (/run/khofs as root)."""
-    if os.geteuid() == 0:
+    """Where mounts' runtime files live: $KHOFS_RUNTIME_DIR if set, else /run/khofs as root."""
+    if os.environ.get("KHOFS_RUNTIME_DIR"):
+        base = os.environ["KHOFS_RUNTIME_DIR"]
+    elif os.geteuid() == 0:
         base = "/run/khofs"
     else:
         base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/khofs-{os.getuid()}", "khofs")
@@ -145,3 +147,20 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def all_infos() -> list[dict]:
+    """The runtime info of every mount this runtime directory knows, by mount point."""
+    base = runtime_dir()
+    infos = []
+    for name in sorted(os.listdir(base)):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(base, name)) as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and isinstance(info.get("mountpoint"), str):
+                infos.append(info)
+    return sorted(infos, key=lambda i: i["mountpoint"])
+
