@@ -9,7 +9,8 @@ import time
 
 from .. import runtime
 from ..kernel.profile import DEFAULT_PROFILE, PROFILES
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, release_arg, size_arg
+from .common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, no_daemon, release_arg,
+                     size_arg)
 
 DEFAULT_MEMORY = 4 << 30
 
@@ -18,7 +19,10 @@ def cmd_mount(args) -> int:
     """khofs mount MNT: boot an emulated kernel and serve its debugfs there."""
     mnt = os.path.realpath(args.mountpoint)
     if not os.path.isdir(mnt):
-        err(f"mount point {args.mountpoint} is not a directory (create it with mkdir)")
+        if os.path.exists(mnt):
+            err(f"mount point {args.mountpoint} is not a directory (khofs mounts on a directory)")
+        else:
+            err(f"mount point {args.mountpoint} does not exist (create it with mkdir)")
         return EXIT_FAIL
     if runtime.find_mount(mnt):
         err(f"{mnt} is already a mount point (khofs umount {args.mountpoint} first)")
@@ -73,7 +77,8 @@ def _boot_host(args):
 
 
 def _mount_foreground(args, mnt) -> int:
-    from ..daemon.serve import report
+    from ..daemon.serve import hold_signals, report
+    hold_signals()
     lock = runtime.lock_mountpoint(mnt)
     if lock is None:
         msg = f"another khofs daemon is mounting or serving {mnt} (khofs umount {mnt} first)"
@@ -118,8 +123,8 @@ def _serve_locked(args, mnt) -> int:
     daemon = Daemon(mnt, host, stat_size=args.stat_size, fuse_options=opts,
                     debug_fuse=args.debug_fuse, cache=args.cache)
     try:
-        daemon.mount()
-    except Exception as e:       # libfuse's own reason is already in the log
+        _libfuse_says(daemon.mount)
+    except _MountFailed as e:
         report(fd, error=f"cannot mount on {mnt}: {e}")
         err(f"cannot mount on {mnt}: {e}")
         return EXIT_FAIL
@@ -131,7 +136,43 @@ def _serve_locked(args, mnt) -> int:
         if fd is not None:
             os.close(fd)
     daemon.run(ready)
+    if daemon.signalled and not daemon.ready:
+        msg = f"stopped by signal {daemon.signalled} before the mount was ready; unmounted"
+        report(fd, error=msg)
+        err(msg)
+        return EXIT_FAIL
     return EXIT_OK
+
+
+class _MountFailed(Exception):
+    """libfuse refused the mount; the message is its own reason."""
+
+
+def _libfuse_says(mount) -> None:
+    """Run mount() with fd 2 caught: libfuse prints why it refuses (an unknown -o option, a
+    mount point in use) on stderr and pyfuse3 only says which call failed. Anything
+    libfuse says on a mount that works is passed on."""
+    import tempfile
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as cap:
+        sys.stderr.flush()
+        os.dup2(cap.fileno(), 2)
+        try:
+            mount()
+        except Exception as e:
+            failed = e
+        else:
+            failed = None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        cap.seek(0)
+        said = cap.read().decode(errors="replace").strip()
+    if failed is not None:
+        lines = [ln.removeprefix("fuse: ").strip() for ln in said.splitlines() if ln.strip()]
+        raise _MountFailed("; ".join(lines) if lines else str(failed)) from None
+    if said:
+        print(said, file=sys.stderr, flush=True)
 
 
 def _mount_background(args, mnt) -> int:
@@ -193,15 +234,31 @@ def _mount_background(args, mnt) -> int:
 
 # -- umount -------------------------------------------------------------------------
 def cmd_umount(args) -> int:
-    """khofs umount MNT: unmount, stop the daemon, clear what a dead one left."""
-    mnt = os.path.realpath(args.mountpoint)
+    """khofs umount MNT (or --all): unmount, stop the daemon, clear what a dead one left."""
+    if args.all == (args.mountpoint is not None):
+        err("umount takes a MOUNTPOINT or --all, not both"
+            if args.all else "umount needs a MOUNTPOINT (or --all for every khofs mount)")
+        return EXIT_USAGE
+    if not args.all:
+        return _umount(args.mountpoint, os.path.realpath(args.mountpoint))
+    mnts = {i["mountpoint"] for i in runtime.all_infos()}
+    code = EXIT_OK
+    for mnt in sorted(mnts):
+        if _umount(mnt, mnt) == EXIT_OK:
+            print(f"unmounted {mnt}")
+        else:
+            code = EXIT_FAIL
+    return code
+
+
+def _umount(given: str, mnt: str) -> int:
     info = runtime.read_info(mnt)
     mounted = runtime.find_mount(mnt)
     if not mounted and not info:
-        err(f"{args.mountpoint} is not mounted")
+        err(f"{given} is not mounted")
         return EXIT_FAIL
     if mounted and not mounted[0].startswith("fuse"):
-        err(f"{args.mountpoint} is a {mounted[0]} mount, not khofs")
+        err(f"{given} is a {mounted[0]} mount, not khofs")
         return EXIT_FAIL
     if mounted:
         import subprocess       # not at the top: every mount would pay for it
@@ -237,7 +294,12 @@ def cmd_status(args) -> int:
     """khofs status MNT: what the emulated kernel is doing."""
     from ..client import ControlError
     try:
-        with client(args.mountpoint) as c:
+        c = client(args.mountpoint)
+    except ControlError as e:
+        err(no_daemon(args.mountpoint, e))
+        return EXIT_FAIL
+    try:
+        with c:
             st = c.status()
     except ControlError as e:
         err(f"{args.mountpoint}: {e.strerror}")
@@ -275,7 +337,8 @@ def add_mount(sub) -> None:
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     m.add_argument("--cmdline",
                    help='kernel command line (default "kho=on"; with --replay, the recorded '
-                   "one); kho=, kho_scratch= and reserve_mem= are understood")
+                   "one); kho=, kho_scratch=, reserve_mem= and khofs.test_kho=1 (load the KHO "
+                   "test module at boot) are understood")
     m.add_argument("--memory", type=size_arg, metavar="SIZE",
                    help="simulated RAM (default 4G, or with --replay enough for the recorded "
                    "addresses)")
@@ -319,8 +382,50 @@ def add_umount(sub) -> None:
                        description="Unmount MOUNTPOINT and wait for its daemon to exit. A mount "
                        "whose daemon died (\"Transport endpoint is not connected\") is cleared "
                        "too. Fails if processes still use the mount.")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="a khofs mount point")
+    u.add_argument("--all", action="store_true",
+                   help="every khofs mount (the ones `khofs list` shows)")
     u.set_defaults(func=cmd_umount)
+
+
+def cmd_list(args) -> int:
+    """khofs list: every khofs mount with its daemon's pid, ABI, release and kexec count."""
+    from ..client import Client, ControlError
+    rows = []
+    known = {i["mountpoint"]: i for i in runtime.all_infos()}
+    for mnt in sorted(known):
+        pid = known.get(mnt, {}).get("pid")
+        row = {"mountpoint": mnt, "pid": pid, "abi": None, "release": None, "kexec_count": None,
+               "state": "running"}
+        try:
+            with Client(mnt, timeout=10) as c:
+                st = c.status()
+            row.update(abi=st["abi"], release=st["release"], kexec_count=st["kexec_count"])
+        except ControlError:
+            row["state"] = "dead (khofs umount clears it)"
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if rows:
+        print(f"{'MOUNTPOINT':<28} {'PID':>7} {'ABI':<4} {'RELEASE':<20} {'KEXECS':>6}  STATE")
+    for r in rows:
+        def show(v):
+            return "-" if v is None else str(v)
+        print(f"{r['mountpoint']:<28} {show(r['pid']):>7} {show(r['abi']):<4} "
+              f"{show(r['release']):<20} {show(r['kexec_count']):>6}  {r['state']}")
+    return EXIT_OK
+
+
+def add_list(sub) -> None:
+    """The list subcommand."""
+    ls = sub.add_parser("list", help="the khofs mounts and their daemons",
+                        description="Every khofs mount: mount point, daemon pid, ABI, release, "
+                        "kexec count, and whether its daemon still answers.")
+    ls.add_argument("--json", action="store_true",
+                    help="print a JSON list of {mountpoint, pid, abi, release, kexec_count, "
+                    "state}")
+    ls.set_defaults(func=cmd_list)
 
 
 def add_status(sub) -> None:

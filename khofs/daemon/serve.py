@@ -18,6 +18,15 @@ from ..fs.fuse import KhoOperations
 from .host import Host
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def hold_signals() -> None:
+    """Block SIGNALS from here on: until the daemon's receiver takes them, one that arrives
+    waits instead of killing a process that may already have mounted."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
 def log(text: str) -> None:
     """One line to the daemon's log (its stderr)."""
     print(text, file=sys.stderr, flush=True)
@@ -60,6 +69,7 @@ class Daemon:
             self.options.add("debug")     # libfuse logs INIT and every request it reads
         self._mounted = False
         self.stopping = False
+        self.ready = False
         self.signalled = 0
 
     def mount(self) -> None:
@@ -82,16 +92,25 @@ class Daemon:
         return reply
 
     async def _signals(self, task_status=trio.TASK_STATUS_IGNORED):
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            task_status.started()
-            async for sig in sigs:
-                self.signalled = sig
-                pyfuse3.terminate()
-                return
+        # Every signal, however many and whenever, leads to the one teardown: they are held
+        # (blocked) from start-up until this receiver runs, and again from when it stops,
+        # so none can take its default action half way through an unmount.
+        try:
+            with trio.open_signal_receiver(*SIGNALS) as sigs:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                task_status.started()
+                async for sig in sigs:
+                    if not self.signalled:
+                        self.signalled = sig
+                    pyfuse3.terminate()
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
 
     async def _ready(self, on_ready):
-        # The mount answers once the kernel's GETATTR of its root comes back.
-        await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        # The mount answers once the kernel's GETATTR of its root comes back; a shutdown
+        # before then abandons the stat (the unmount ends it).
+        await trio.to_thread.run_sync(os.stat, self.mountpoint, abandon_on_cancel=True)
+        self.ready = True
         if on_ready:
             on_ready()
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
@@ -109,10 +128,13 @@ class Daemon:
             nursery.cancel_scope.cancel()
 
     def run(self, on_ready=None) -> None:
-        """Serve until unmounted or signalled, then close the session."""
+        """Serve until unmounted or signalled, then close the session. Signals stay held
+        afterwards: the teardown below and the caller's own runs to its end."""
+        hold_signals()
         try:
             trio.run(self._main, on_ready)
         finally:
+            hold_signals()
             if self._mounted:
                 pyfuse3.close(unmount=True)
                 self._mounted = False
