@@ -21,10 +21,18 @@ from .host import Host
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def _held(signum, frame) -> None:
+    """What SIGNALS do outside the daemon's receiver: nothing (a teardown is under way)."""
+
+
 def hold_signals() -> None:
-    """Block SIGNALS from here on: until the daemon's receiver takes them, one that arrives
-    waits instead of killing a process that may already have mounted."""
+    """From here on, SIGNALS never take their default action: blocked on this thread (so one
+    that arrives before the daemon's receiver waits for it) and, on any other thread, a
+    handler that does nothing. A handler, not SIG_IGN, which would drop a pending one; and
+    the receiver puts it back when it closes, so a signal during teardown cannot kill."""
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    for sig in SIGNALS:
+        signal.signal(sig, _held)
 
 
 def log(text: str) -> None:
@@ -93,8 +101,8 @@ class Daemon:
 
     async def _signals(self, task_status=trio.TASK_STATUS_IGNORED):
         # Every signal, however many and whenever, leads to the one teardown: they are held
-        # (blocked) from start-up until this receiver runs, and again from when it stops,
-        # so none can take its default action half way through an unmount.
+        # (hold_signals) from start-up until this receiver runs, and again from when it
+        # stops, so none can take its default action half way through an unmount.
         try:
             with trio.open_signal_receiver(*SIGNALS) as sigs:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -143,6 +151,19 @@ class Daemon:
             except FileNotFoundError:
                 pass
             runtime.remove_info(self.mountpoint)
+            # Unmounted: a signal has nothing left to stop. Ignored, not held, because
+            # the interpreter's exit puts the default action back on handlers it set.
+            sys.unraisablehook = _quiet_signal_race
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def _quiet_signal_race(unraisable, _default=sys.unraisablehook) -> None:
+    # A signal that came just before SIG_IGN reaches the interpreter just after it, which
+    # says so as an unraisable error; that signal is one the teardown ignores anyway.
+    e = unraisable.exc_value
+    if not (isinstance(e, OSError) and str(e).endswith("ignored due to race condition")):
+        _default(unraisable)
 
 
 def report(fd: int | None, **msg) -> None:
