@@ -164,3 +164,38 @@ def all_infos() -> list[dict]:
                 infos.append(info)
     return sorted(infos, key=lambda i: i["mountpoint"])
 
+
+
+def _mountinfo(path: str) -> list[tuple[str, str, str]]:
+    """(mount point, major:minor, fstype) of each entry of a mountinfo file."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                out.append((_unescape(fields[4]), fields[2], fields[sep + 1]))
+    except OSError:
+        pass
+    return out
+
+
+def khofs_mount_of(path: str) -> str | None:
+    """The mount point (as its daemon knows it) of the khofs mount that path is on, also
+    through a bind mount or in another mount namespace: the mount holding path (from
+    /proc/self/mountinfo) is fuse.khofs, and a daemon of this runtime directory mounted the
+    same device (its own /proc/PID/mountinfo, or ours)."""
+    path = os.path.realpath(path)
+    best = None
+    for mnt, dev, fstype in _mountinfo("/proc/self/mountinfo"):
+        if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
+            if best is None or len(mnt) >= len(best[0]):
+                best = (mnt, dev, fstype)
+    if best is None or best[2] != "fuse.khofs":
+        return None
+    for info in all_infos():
+        mine = info["mountpoint"]
+        for where in (f"/proc/{info.get('pid')}/mountinfo", "/proc/self/mountinfo"):
+            if any(m == mine and d == best[1] for m, d, _ in _mountinfo(where)):
+                return mine
+    return None

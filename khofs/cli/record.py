@@ -15,7 +15,10 @@ def _source(kho: str, tree) -> None:
     from ..devicetree.snapshot import ROOT_FDT
     from ..kernel.fdt import totalsize
     from ..kernel.profile import get_profile
-    mnt = _mount_of(kho)
+    from .. import runtime
+    # A khofs mount directly, or under a bind (a namespace whose /sys/kernel/debug is one):
+    # its daemon, not this host's uname, knows the kernel.
+    mnt = _mount_of(kho) or runtime.khofs_mount_of(kho)
     if mnt is not None:
         with client(mnt) as c:
             st = c.status()
@@ -39,6 +42,30 @@ def _source(kho: str, tree) -> None:
     tree.meta.update(source={"kind": "directory", "path": kho})
 
 
+def not_from(tree, release: str) -> str | None:
+    """Why the tree cannot be the kho/ of a kernel whose uname -r is release, or None."""
+    from ..kernel.kho import KEXEC_METADATA
+    from ..kernel.profile import get_profile
+    from ..kernel.replay import profile_of_release
+    abi = profile_of_release(release)
+    if abi is None:
+        return None
+    prof = get_profile(abi)
+    has_finalize = tree.read("out/finalize") is not None
+    if has_finalize != prof.has_finalize:
+        return (f"its out/ {'has' if has_finalize else 'has no'} finalize file, which a "
+                f"{release} kernel (ABI {abi}) {'does not have' if has_finalize else 'has'}")
+    fdt = tree.read("out/fdt")
+    if fdt is not None and b"kho-v3\0" in fdt[:512] and not prof.blob_size:
+        return f"its out/fdt is kho-v3, which a {release} kernel (ABI {abi}) does not write"
+    md = tree.read("out/sub_fdts/kexec-metadata")
+    if md is not None and len(md) >= KEXEC_METADATA.size:
+        named = KEXEC_METADATA.unpack_from(md)[1].split(b"\0")[0].decode(errors="replace")
+        if named != release:
+            return f"its kexec-metadata blob names release {named}"
+    return None
+
+
 def cmd_record(args) -> int:
     """khofs record SNAPSHOT [--from DIR]."""
     from ..client import ControlError
@@ -53,6 +80,13 @@ def cmd_record(args) -> int:
     try:
         tree = read_dir(kho)
         _source(os.path.abspath(kho), tree)
+        if tree.meta["source"]["kind"] == "running system" and args.release is None \
+                and args.abi is None:
+            why = not_from(tree, tree.meta["release"])
+            if why:
+                err(f"{src} is not the running kernel's (uname -r {tree.meta['release']}): "
+                    f"{why}; say whose it is with --release R and --abi P")
+                return EXIT_FAIL
         for key in ("abi", "release", "cmdline"):
             if getattr(args, key) is not None:
                 tree.meta[key] = getattr(args, key)

@@ -326,11 +326,22 @@ def _root_page(mnt):
 
 def test_the_running_systems_tree(mount_khofs, tmp_path):
     """khofs record with no --from reads /sys/kernel/debug/kho and the running kernel's
-    uname -r and /proc/cmdline; a khofs tree stands in for a KHO kernel's debugfs."""
-    m = mount_khofs("--memory", "1G", cmdline="kho=on reserve_mem=4M:4096:oops")
-    finalize(m)
+    uname -r and /proc/cmdline; a copy of a khofs tree made as this host's kernel would
+    stands in for a KHO kernel's debugfs (a khofs mount itself is recorded as its daemon's
+    kernel: test_record_namespace.py)."""
+    import shutil
+    from khofs.kernel.profile import get_profile
+    from khofs.kernel.replay import profile_of_release
+    abi = profile_of_release(os.uname().release) or "6.18"
+    m = mount_khofs("--memory", "1G", "--abi", abi, "--release", os.uname().release,
+                    cmdline="kho=on reserve_mem=4M:4096:oops")
+    if get_profile(abi).has_finalize:
+        finalize(m)
+    debug = tmp_path / "debug"
+    debug.mkdir()
+    shutil.copytree(m.kho, debug / "kho", copy_function=shutil.copy2)
     snap = tmp_path / "sys.khosnap"
-    script = f"mount --bind {m.path} /sys/kernel/debug && exec {' '.join(_khofs_argv())} " \
+    script = f"mount --bind {debug} /sys/kernel/debug && exec {' '.join(_khofs_argv())} " \
              f"record {snap}"
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, text=True, timeout=60)
