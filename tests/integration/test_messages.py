@@ -58,9 +58,10 @@ def test_a_subcommands_usage_error_shows_that_subcommands_usage(mount_khofs):
 
 def test_kexec_usage_and_mount_help():
     r = khofs("kexec", "--help")
+    from khofs.kernel.profile import PROFILES
     assert r.stdout.splitlines()[0] == (
         "usage: khofs kexec [-h] [load|exec] MOUNTPOINT [--cmdline CMDLINE] "
-        "[--release RELEASE] [--abi {6.18,6.16,7.0,7.1}] [--json]")
+        f"[--release RELEASE] [--abi {{{','.join(PROFILES)}}}] [--json]")
     r = khofs("kexec", "a", "b", "c")
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1] == \
