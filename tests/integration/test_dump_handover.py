@@ -108,7 +108,13 @@ def test_dump_dts_of_any_blob_a_directory_and_stdin(mount_khofs, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("stdin: FDT kho-v3, ")
 
 
-def test_one_spelling_of_libfdt_errors(tmp_path):
+def test_one_spelling_of_libfdt_errors(mount_khofs, tmp_path):
+    m = mount_khofs()
+    cut = tmp_path / "cut.dtb"
+    cut.write_bytes(b"\xd0\x0d\xfe\xed" + bytes(4) + b"garbage")
+    r = khofs("ctl", m, "subtree", "add", "x", cut)
+    assert r.stderr == f"khofs: {m}: subtree 'x': not a valid FDT blob, FDT_ERR_TRUNCATED " \
+                       "(15 bytes) [EINVAL]\n"
     bad = tmp_path / "bad.dtb"
     bad.write_bytes(b"\x7fELF" + bytes(60))
     r = khofs("dump", bad)
