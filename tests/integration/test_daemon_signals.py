@@ -4,13 +4,14 @@ unmounted, its runtime files gone, no hang."""
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
 from khofs_testlib import KHOFS
-from khoit import is_mounted, pid_alive, wait_until
+from khoit import is_mounted, pid_alive
 
 STARTUP_POINTS = 16
 
@@ -22,9 +23,23 @@ def runtime_dir(tmp_path, monkeypatch):
     return d
 
 
-def start(mnt):
+def start(mnt, notify=None):
+    env = dict(os.environ, NOTIFY_SOCKET=notify) if notify else None
     return subprocess.Popen(KHOFS + ["mount", "--foreground", str(mnt)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def start_ready(mnt, tmp_path):
+    """A foreground daemon that has told the service manager READY=1."""
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        s.settimeout(30)
+        p = start(mnt, path)
+        while b"READY=1" not in s.recv(4096):
+            pass
+    os.unlink(path)
+    return p
 
 
 def ended_cleanly(p, mnt, runtime_dir):
@@ -44,8 +59,7 @@ def ended_cleanly(p, mnt, runtime_dir):
 
 def time_to_ready(mnt, runtime_dir) -> float:
     t0 = time.monotonic()
-    p = start(mnt)
-    wait_until(lambda: os.path.exists(os.path.join(mnt, "kho")), timeout=20, what="the mount")
+    p = start_ready(mnt, mnt.parent)
     took = time.monotonic() - t0
     p.send_signal(signal.SIGTERM)
     assert ended_cleanly(p, mnt, runtime_dir)[0] == 0
@@ -76,8 +90,7 @@ def test_a_signal_at_any_point_of_start_up(tmp_path, runtime_dir):
 def test_signals_again_during_teardown(tmp_path, runtime_dir, round_):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    p = start(mnt)
-    wait_until(lambda: os.path.exists(os.path.join(mnt, "kho")), timeout=20, what="the mount")
+    p = start_ready(mnt, tmp_path)
     sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     # One burst from the first signal past the end of the teardown it starts.
     for n in range(400):
