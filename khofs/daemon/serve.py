@@ -113,6 +113,9 @@ class Daemon:
                     pyfuse3.terminate()
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            # trio closes its wakeup socket before it unhooks it: a signal in between would
+            # be written to a closed (or reused) descriptor. Nothing needs waking now.
+            signal.set_wakeup_fd(-1)
 
     async def _ready(self, on_ready):
         # The mount answers once the kernel's GETATTR of its root comes back; a shutdown
