@@ -443,6 +443,12 @@ def test_map_of_a_snapshot(mount_khofs, tmp_path):
         ["out/sub_fdts/memblock", "out/sub_fdts/kexec-metadata"]
     assert "note: out/fdt: the whole root FDT the recording kept beside the shorter debugfs " \
         "file" in lines
+    # what a snapshot cannot show, said plainly (RAM and reserve_mem it does know)
+    assert lines[-2:] == [
+        "note: not shown, as a kho/ tree does not hold them: the root FDTs' addresses; a khofs "
+        "mount's daemon tells them (khofs map MOUNTPOINT)",
+        "note: preserved ranges not shown: out/fdt's memory map lives in preserved memory, "
+        "which a copy or a snapshot does not hold"]
     svg = tmp_path / "s.svg"
     assert khofs("map", snap, "--svg", svg).returncode == 0
     text = svg.read_text()
