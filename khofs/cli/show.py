@@ -135,12 +135,12 @@ def _dump_one(fdt_path, sub_dir, daemon, stdin, no_memory) -> dict:
         kw["memory_map"] = {"format": None, "source": "daemon", "chunks": None, "ranges": runs,
                             "total_bytes": sum(r["size"] for r in runs), "error": None}
         mem = None
+    elif no_memory:
+        kw["map_unread"] = "--no-memory"
     elif side == "in":
         kw["map_unread"] = ("in/fdt's map points into the old kernel's memory, which the next "
                             "kernel reuses; only the mount's daemon tells what it received "
                             "(khofs dump on the mount, khofs map)")
-    elif no_memory:
-        kw["map_unread"] = "--no-memory"
     elif mem is None:
         kw["map_unread"] = ("it lives in preserved memory, which a file or a copy does not "
                             "hold (khofs dump on a khofs mount reads it)")
