@@ -66,6 +66,12 @@ class Client:
         incoming preserved runs (what `khofs map` reads beyond debugfs)."""
         return self.call("memory_layout")
 
+    def root_fdt(self) -> bytes | None:
+        """Request root_fdt: the whole root FDT when the kernel keeps it live past what
+        out/fdt shows (6.19+), else None."""
+        fdt = self.call("root_fdt")["fdt"]
+        return None if fdt is None else base64.b64decode(fdt)
+
     def log(self) -> list[str]:
         """Request log: the kernel log lines of the current boot."""
         return self.call("log")["lines"]

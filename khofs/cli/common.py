@@ -28,6 +28,17 @@ def release_arg(text: str) -> str:
     return text
 
 
+def kernels_differ(abi: str | None, release: str | None) -> str | None:
+    """Why an explicit --abi and a --release name different kernels, or None (a release
+    with no version is only what uname -r prints)."""
+    from ..kernel.profile import NO_KHO, release_profile_name
+    named = release_profile_name(release)
+    if abi is None or named is None or named == abi:
+        return None
+    what = "a kernel without KHO (before v6.16)" if named == NO_KHO else f"ABI {named}"
+    return f"--abi {abi} contradicts --release {release}, which is {what}"
+
+
 def num_arg(text: str) -> int:
     """A decimal or 0x-hex number for argparse."""
     try:

@@ -23,8 +23,7 @@ def _load_blob(path: str, c) -> bytes:
     try:
         return dts_to_dtb(data)
     except DtsError as e:
-        from ..kernel.profile import get_profile
-        if get_profile(c.status()["abi"]).blob_size:
+        if c.status()["any_blob"]:
             return data
         raise ValueError(f"{'stdin' if path == '-' else path}: {e}") from None
 

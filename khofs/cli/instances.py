@@ -83,7 +83,8 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return EXIT_OK
-    print(f"release:          {st['release']} (ABI {st['abi']})")
+    abi = f"ABI {st['abi']}" if st["abi"] else "no KHO in this release"
+    print(f"release:          {st['release']} ({abi})")
     print(f"previous release: {st['previous_release'] or '-'}")
     print(f"kexec count:      {st['kexec_count']}")
     print(f"cmdline:          {st['cmdline']}")

@@ -3,8 +3,8 @@
 import json
 import sys
 
-from ..kernel.profile import PROFILES
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, connect, err, errno_name
+from ..kernel.profile import NO_KHO, PROFILES
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, connect, err, errno_name, kernels_differ
 
 
 def cmd_kexec(args) -> int:
@@ -17,6 +17,10 @@ def cmd_kexec(args) -> int:
         step, mnt = words
     else:
         args._parser.error("give one MOUNTPOINT, after load or exec if only that step")
+    why = kernels_differ(args.abi, args.release)
+    if why:
+        err(why)
+        return EXIT_USAGE
     fields = {}
     if args.cmdline is not None:
         fields["cmdline"] = args.cmdline
@@ -41,8 +45,9 @@ def cmd_kexec(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
     elif step == "load":
-        print(f"loaded {r['release']} (ABI {r['abi']}): " + ("carries the KHO handover" if r["handover"]
-                                          else "carries no KHO handover"))
+        abi = "a kernel without KHO" if r["abi"] == NO_KHO else f"ABI {r['abi']}"
+        print(f"loaded {r['release']} ({abi}): " + ("carries the KHO handover" if r["handover"]
+                                                   else "carries no KHO handover"))
     else:
         for line in r["log"]:
             print(line)
@@ -62,8 +67,10 @@ def add_kexec(sub) -> None:
     k.add_argument("words", nargs="+", metavar="[load|exec] MOUNTPOINT",
                    help="the step (both when omitted) and a khofs mount point")
     k.add_argument("--cmdline", help="command line of the next kernel (default: the current one)")
-    k.add_argument("--release", help="uname -r of the next kernel")
+    k.add_argument("--release", help="uname -r of the next kernel; its version picks the "
+                   "profile (7.1.5 boots 7.1, 6.12.0 a kernel without KHO)")
     k.add_argument("--abi", choices=list(PROFILES),
-                   help="ABI profile of the next kernel (default: the current one)")
+                   help="ABI profile of the next kernel (default: the one --release names, "
+                   "else the current one)")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.set_defaults(func=cmd_kexec)

@@ -7,8 +7,8 @@ import os
 import sys
 
 from .. import runtime
-from ..kernel.profile import DEFAULT_PROFILE, PROFILES
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, err, release_arg, size_arg
+from ..kernel.profile import PROFILES
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, err, kernels_differ, release_arg, size_arg
 
 DEFAULT_MEMORY = 4 << 30
 
@@ -25,6 +25,10 @@ def cmd_mount(args) -> int:
     if runtime.find_mount(mnt):
         err(f"{mnt} is already a mount point (khofs umount {args.mountpoint} first)")
         return EXIT_FAIL
+    why = kernels_differ(args.abi, args.release)
+    if why:
+        err(why)
+        return EXIT_USAGE
     args.handover = None
     if args.replay:
         # Read and check the snapshot before the daemon starts: a bad one is one clear line.
@@ -35,7 +39,6 @@ def cmd_mount(args) -> int:
             err(str(e))
             return EXIT_FAIL
     args.cmdline = args.cmdline if args.cmdline is not None else "kho=on"
-    args.abi = args.abi or DEFAULT_PROFILE
     args.memory = args.memory or DEFAULT_MEMORY
     args.nodes = args.nodes if args.nodes is not None else 1
     if args.foreground:
@@ -48,6 +51,7 @@ def _replay_handover(args):
     (its command line and ABI, enough memory and nodes for its addresses and scratch areas)."""
     from ..devicetree.snapshot import load, recording
     from ..kernel.machine import MachineConfig
+    from ..kernel.profile import release_profile_name
     from ..kernel.replay import replay_handover
     path = os.path.abspath(args.replay)
     rec = recording(load(path), path)
@@ -58,7 +62,8 @@ def _replay_handover(args):
             memory <<= 1
     nodes = args.nodes if args.nodes is not None else rec.nodes or max(1, len(rec.scratch) - 2)
     cfg = MachineConfig(memory=memory, nodes=nodes,
-                        boot_reserved=args.boot_reserved, abi=args.abi or rec.abi)
+                        boot_reserved=args.boot_reserved,
+                        abi=args.abi or release_profile_name(args.release) or rec.abi)
     cmdline = args.cmdline if args.cmdline is not None else rec.cmdline or "kho=on"
     return replay_handover(rec, cmdline, cfg, args.release)
 
@@ -103,19 +108,18 @@ def _serve_locked(args, mnt) -> int:
         report(fd, error=str(e))
         err(str(e))
         return EXIT_USAGE
-    machine = host.machine
+    told = host.boot_report()
     if fd is not None:
-        from ..kernel.replay import replay_lines
-        for line in replay_lines(machine.replay):
+        for line in told["replay"]:
             report(fd, stderr=f"khofs: replay: {line}")
-        for line in machine.warnings():
-            report(fd, stderr=f"kernel: {line.text}")
-        for why in machine.ignored:
+        for line in told["warnings"]:
+            report(fd, stderr=f"kernel: {line}")
+        for why in told["ignored"]:
             report(fd, stderr=f"khofs: {why}")
-        for note in machine.kexec_notes:
+        for note in told["kexec_notes"]:
             report(fd, stderr=f"khofs: kexec: {note}")
     else:
-        for why in machine.ignored:
+        for why in told["ignored"]:
             err(why)
     opts = [o for o in (args.options or "").split(",") if o]
     daemon = Daemon(mnt, host, stat_size=args.stat_size, fuse_options=opts,
@@ -250,10 +254,12 @@ def add_mount(sub) -> None:
                    "default scratch scale (default 64M)")
     m.add_argument("--abi", choices=list(PROFILES),
                    help="kernel ABI profile: 6.16 (v6.16-v6.17), 6.18, 7.0 (v6.19-v7.0), "
-                   "7.1 (v7.1+) (default 6.18; with --replay, the recorded kernel's)")
+                   "7.1, 7.2 (v7.2-v7.3), 7.4 (v7.4+) (default: the one --release names, else "
+                   "6.18; with --replay, the recorded kernel's)")
     m.add_argument("--release", type=release_arg, metavar="R",
-                   help="uname -r of the emulated kernel (default: the profile's, e.g. "
-                   "7.1.0-khofs)")
+                   help="uname -r of the emulated kernel; its version picks the profile "
+                   "(7.2.3 runs 7.2, 6.12.0 a kernel without KHO); one without a version "
+                   "(my-kernel) is only the name (default: the profile's, e.g. 7.1.0-khofs)")
     m.add_argument("--stat-size", choices=["content", "zero"], default="content",
                    help="st_size of files: their content length (default, so sendfile users "
                    "work) or 0 as debugfs reports")

@@ -1,10 +1,11 @@
 """khofs record: keep a kho/ debugfs tree (a real kernel's, a copy, a khofs mount's) in a file."""
 
+import base64
 import os
 import time
 
 from ..kernel.profile import PROFILES
-from .common import EXIT_FAIL, EXIT_OK, client, err, release_arg
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, kernels_differ, release_arg
 from .show import _mount_of
 
 SYSTEM_KHO = "/sys/kernel/debug/kho"
@@ -14,7 +15,6 @@ def _source(kho: str, tree) -> None:
     """What the tree's source can tell beyond debugfs: release, cmdline, ABI, whole root FDT."""
     from ..devicetree.snapshot import ROOT_FDT
     from ..kernel.fdt import totalsize
-    from ..kernel.profile import get_profile
     from .. import runtime
     # A khofs mount directly, or under a bind (a namespace whose /sys/kernel/debug is one):
     # its daemon, not this host's uname, knows the kernel.
@@ -28,10 +28,10 @@ def _source(kho: str, tree) -> None:
             fdt = tree.read("out/fdt")
             # 7.x sizes out/fdt once, when it makes the file, and shows none after a kexec;
             # the FDT itself lives on in its page.
-            if get_profile(st["abi"]).fdt_at_boot and st["kho_enabled"] and (
-                    fdt is None or len(fdt) < 8 or totalsize(fdt) > len(fdt)):
-                phys = c.call("memory_layout")["fdt_phys"]
-                tree.extra[ROOT_FDT] = c.mem_read(phys, totalsize(c.mem_read(phys, 8)))
+            if fdt is None or len(fdt) < 8 or totalsize(fdt) > len(fdt):
+                whole = c.call("root_fdt")["fdt"]
+                if whole is not None:
+                    tree.extra[ROOT_FDT] = base64.b64decode(whole)
         return
     if os.path.realpath(kho) == os.path.realpath(SYSTEM_KHO):
         with open("/proc/cmdline", "rb") as f:
@@ -42,34 +42,14 @@ def _source(kho: str, tree) -> None:
     tree.meta.update(source={"kind": "directory", "path": kho})
 
 
-def not_from(tree, release: str) -> str | None:
-    """Why the tree cannot be the kho/ of a kernel whose uname -r is release, or None."""
-    from ..kernel.kho import KEXEC_METADATA
-    from ..kernel.profile import get_profile
-    from ..kernel.replay import profile_of_release
-    abi = profile_of_release(release)
-    if abi is None:
-        return None
-    prof = get_profile(abi)
-    has_finalize = tree.read("out/finalize") is not None
-    if has_finalize != prof.has_finalize:
-        return (f"its out/ {'has' if has_finalize else 'has no'} finalize file, which a "
-                f"{release} kernel (ABI {abi}) {'does not have' if has_finalize else 'has'}")
-    fdt = tree.read("out/fdt")
-    if fdt is not None and b"kho-v3\0" in fdt[:512] and not prof.blob_size:
-        return f"its out/fdt is kho-v3, which a {release} kernel (ABI {abi}) does not write"
-    md = tree.read("out/sub_fdts/kexec-metadata")
-    if md is not None and len(md) >= KEXEC_METADATA.size:
-        named = KEXEC_METADATA.unpack_from(md)[1].split(b"\0")[0].decode(errors="replace")
-        if named != release:
-            return f"its kexec-metadata blob names release {named}"
-    return None
-
-
 def cmd_record(args) -> int:
     """khofs record SNAPSHOT [--from DIR]."""
     from ..client import ControlError
-    from ..devicetree.snapshot import SnapshotError, read_dir, recording, save
+    from ..devicetree.snapshot import SnapshotError, not_from, read_dir, recording, save
+    why = kernels_differ(args.abi, args.release)
+    if why:
+        err(why)
+        return EXIT_USAGE
     src = args.source
     kho = os.path.join(src, "kho") if os.path.isdir(os.path.join(src, "kho")) else src
     if not os.path.isdir(os.path.join(kho, "out")):
@@ -118,8 +98,9 @@ def add_record(sub) -> None:
                    help=f"the kho/ directory (default {SYSTEM_KHO}), or a khofs mount point")
     r.add_argument("--abi", choices=list(PROFILES),
                    help="the recorded kernel's ABI profile, where the tree cannot tell (a copy: "
-                   "by default its release's, else 7.1 for kho-v3, 7.0 for a short kho-v1 "
-                   "out/fdt, 6.18 otherwise)")
+                   "by default its release's, else 7.1 for kho-v3, 7.4 for kho-v4 beside "
+                   "bootmem_* files and 7.2 beside scratch_*, 7.0 for a short kho-v1 out/fdt, "
+                   "6.18 otherwise)")
     r.add_argument("--release", type=release_arg, metavar="R",
                    help="the recorded kernel's uname -r (a copy has none)")
     r.add_argument("--cmdline", help="the recorded kernel's command line (a copy has none; "

@@ -102,7 +102,8 @@ def _made(sub_dir):
 
 
 def _dump_one(fdt_path, sub_dir, daemon, stdin, no_memory) -> dict:
-    from ..devicetree.dump import complete_root_fdt, decode
+    from ..devicetree.dump import decode
+    from ..devicetree.whole import complete_root_fdt
     if stdin is not None:
         blob = stdin
     else:

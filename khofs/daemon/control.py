@@ -94,6 +94,9 @@ class Control:
 
     def _kho(self):
         if self.m.kho_out is None:
+            if self.m.profile is None:
+                raise KernelError(errno.ENODEV, f"this kernel ({self.m.release}) has no KHO: "
+                                  "it came in v6.16")
             raise KernelError(errno.ENODEV, "KHO is not enabled in this boot (kho=on)")
         return self.m.kho_out
 
@@ -138,6 +141,13 @@ class Control:
     def status(self, req):
         """Request status: the kernel's status."""
         return self.m.status()
+
+    @command("root_fdt")
+    def root_fdt(self, req):
+        """Request root_fdt: the whole root FDT, base64, when the kernel keeps one beyond
+        what out/fdt shows (6.19+); null otherwise."""
+        fdt = self.m.root_fdt()
+        return {"fdt": None if fdt is None else base64.b64encode(fdt).decode()}
 
     @command("memory_layout")
     def memory_layout(self, req):
@@ -217,14 +227,11 @@ class Control:
         if name in taken:
             raise BadRequest(f"a subtree named {name!r} is already registered", errno.EEXIST)
         producer = UserSubtree(kho, name, blob, preserve)
-        if kho.profile.fdt_at_boot:
-            try:
-                producer.register(kho)     # the kernel answers a taken name with EEXIST
-            except KernelError:
-                producer.release(kho)
-                raise
-        else:
-            kho.register_notifier(producer)
+        try:
+            kho.add_producer(producer)     # the kernel answers a taken name with EEXIST
+        except KernelError:
+            producer.release(kho)
+            raise
         self.subtrees[name] = producer
         return {"phys": producer.phys}
 
@@ -235,14 +242,8 @@ class Control:
         producer = self.subtrees.get(name)
         if producer is None:
             raise BadRequest(f"no subtree named {name!r} was added", errno.ENOENT)
-        kho = self._kho()
-        if kho.profile.fdt_at_boot:
-            producer.unregister(kho)
-            producer.release(kho)
-        else:
-            kho.unregister_notifier(producer)
-            if not kho.finalized:
-                producer.release(kho)
+        if self._kho().remove_producer(producer):
+            producer.release(self._kho())
         del self.subtrees[name]
 
     @command("subtree_list")
@@ -258,7 +259,7 @@ class Control:
         if op not in ("finalize", "abort"):
             raise BadRequest(f"can inject failures into finalize or abort, not {op!r}")
         prof = self._kho().profile
-        if not prof.has_finalize or (op == "abort" and prof.fdt_at_boot):
+        if not (prof.can_abort if op == "abort" else prof.has_finalize):
             raise BadRequest(f"ABI {prof.name} has no {op}", errno.EOPNOTSUPP)
         self._kho().register_notifier(FailNext(op, _errno_value(req["errno"])), first=True)
 

@@ -53,6 +53,13 @@ class Host:
         for line in replay_lines(self.machine.replay):
             self.log(f"khofs: replay: {line}")
 
+    def boot_report(self) -> dict:
+        """What a user starting this boot is told: the replay's lines, the kernel's warnings,
+        what of the command line had no effect and why, and what the kexec noticed."""
+        m = self.machine
+        return {"replay": replay_lines(m.replay), "warnings": [w.text for w in m.warnings()],
+                "ignored": list(m.ignored), "kexec_notes": list(m.kexec_notes)}
+
     def kexec_load(self, cmdline=None, release=None, abi=None) -> dict:
         """kexec -s -l; what was loaded and whether it carries a handover."""
         img = self.machine.kexec_load(cmdline, release, abi)

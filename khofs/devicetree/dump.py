@@ -17,9 +17,9 @@ Each object also has "notes": [str] (how the bytes were obtained, e.g. a short 7
 completed) and "unread": [str] (what could not be read, hence not checked).
 `value` is the decoded value: strings as text, 8-byte properties as native-endian (LE) u64
 addresses, 4-byte ones as LE u32. `sub_fdt` is the FDT a node's `fdt` (kho-v1) or
-`preserved-data` (kho-v3) property points to, decoded the same way, when it can be read.
-kho-v3 children also have "blob": {"size": int|null (blob-size), "read": int|null (bytes
-of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "metadata": {"version",
+`preserved-data` (kho-v3, kho-v4) property points to, decoded the same way, when it can be
+read. kho-v3 and kho-v4 children also have "blob": {"size": int|null (blob-size), "read":
+int|null (bytes of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "metadata": {"version",
 "previous_release", "kexec_count"}|null}.
 """
 
@@ -28,32 +28,41 @@ import struct
 import libfdt
 
 from ..kernel.fdt import FDT_HEADER, check_header, tree
-from ..kernel.profile import get_profile
-from ..kernel.rootfdt import rebuild
-from ..kernel.kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
+from ..kernel.kho_fdt import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
 from ..kernel.memtrack import MapError, walk_memory_map
+from ..kernel.profile import compatibles, profiles_of_compatible
 from ..kernel.radix import tree_leaves, walk_leaves
+from .whole import guess_abi
 
 HEADER_FIELDS = ("magic", "totalsize", "off_dt_struct", "off_dt_strings", "off_mem_rsvmap",
                  "version", "last_comp_version", "boot_cpuid_phys", "size_dt_strings",
                  "size_dt_struct")
 
-# What the KHO bindings (Documentation/core-api/kho/bindings) and the producers define.
+# What the KHO bindings (Documentation/core-api/kho/bindings) and the producers define; the
+# root FDT's binding is each release's (root_binding).
 BINDINGS = {
-    "kho-v1": {"props": {"compatible": "string", "preserved-memory-map": "u64"},
-               "required": ["compatible", "preserved-memory-map"],
-               "child": {"props": {"fdt": "u64"}, "required": ["fdt"], "children": False}},
     "memblock-v1": {"props": {"compatible": "string"}, "required": ["compatible"],
                     "child": {"props": {"compatible": "string", "start": "u64", "size": "u64"},
                               "required": ["compatible", "start", "size"], "children": False,
                               "compatible": "reserve-mem-v1"}},
-    "kho-v3": {"props": {"compatible": "string", "preserved-memory-map": "u64"},
-               "required": ["compatible", "preserved-memory-map"],
-               "child": {"props": {"preserved-data": "u64", "blob-size": "u64"},
-                         "required": ["preserved-data", "blob-size"], "children": False}},
     "kho-test-v1": {"props": {"compatible": "string", "magic": "u32"},
                     "required": ["compatible", "magic"], "child": None},
 }
+
+
+def root_binding(compatible: str):
+    """The KHO root's binding for a release's compatible (kho-v1, kho-v3, ...), or None."""
+    prof = next(iter(profiles_of_compatible(compatible)), None)
+    if prof is None:
+        return None
+    child = {prof.sub_prop: "u64"}
+    if prof.blob_size:
+        child["blob-size"] = "u64"
+    return {"props": {"compatible": "string", "preserved-memory-map": "u64"},
+            "required": ["compatible", "preserved-memory-map"], "radix": prof.radix,
+            "child": {"props": child, "required": list(child), "children": False}}
+
+
 SIZES = {"u64": 8, "u32": 4}
 
 
@@ -89,31 +98,6 @@ class MemorySource:
         return self.client.mem_read(phys, size)
 
 
-def guess_abi(blob: bytes) -> str:
-    """The profile a short out/fdt with no kernel at hand comes from (as khofs record
-    guesses a copy's): kho-v3 is 7.1, a short kho-v1 is 7.0."""
-    return "7.1" if b"kho-v3\0" in blob else "7.0"
-
-
-def complete_root_fdt(blob: bytes, subs: dict, abi: str | None, root_phys=None, mem=None,
-                      made=None) -> tuple[bytes, str, list]:
-    """(the whole root FDT, a note saying how, children whose address was not shown) for a
-    7.x out/fdt shown shorter than its header says: read from its page through a daemon,
-    or else rebuilt the kernel's way (as khofs map and record do); ValueError if neither."""
-    size, shown = struct.unpack_from(">I", blob, 4)[0], len(blob)
-    abi = abi or guess_abi(blob)
-    why = f"out/fdt shows {shown} of the FDT's {size} bytes (a {abi} kernel sizes it once, " \
-        "when it makes the file)"
-    if root_phys is not None and mem is not None:
-        whole = mem.read(root_phys, size)
-        if whole[:shown] == blob:
-            return whole, f"{why}; the rest read from the root FDT's page", []
-    whole, unseen = rebuild(blob, subs, get_profile(abi), made)
-    where = (f", but where {', '.join(unseen)} {'lives' if len(unseen) == 1 else 'live'} "
-             "is not shown") if unseen else ""
-    return whole, f"{why}; the rest rebuilt the kernel's way{where}", unseen
-
-
 def fdt_error(err: int) -> str:
     """A libfdt error in libfdt's own spelling (FDT_ERR_BADMAGIC), as diff and ctl say it."""
     return libfdt.fdt_strerror(err)
@@ -147,15 +131,17 @@ def decode(blob: bytes, path: str, mem: MemorySource | None = None, sub_blobs=No
     compat = next((p["value"] for p in root["properties"] if p["name"] == "compatible"), None)
     out["compatible"] = compat
     _check(root, out["problems"])
-    if compat in ("kho-v1", "kho-v3") and memory_map is not None:
-        out["memory_map"] = dict(memory_map, format="radix-tree" if compat == "kho-v3"
+    rule = root_binding(compat) if isinstance(compat, str) else None
+    if rule is not None and memory_map is not None:
+        out["memory_map"] = dict(memory_map, format="radix-tree" if rule["radix"]
                                  else "chunk-list")
-    elif compat in ("kho-v1", "kho-v3") and mem is None and depth == 0:
-        out["unread"].append(f"the preserved-memory map: {map_unread or 'no khofs daemon to read it from'}")
-    elif compat in ("kho-v1", "kho-v3") and mem is not None:
+    elif rule is not None and mem is None and depth == 0:
+        why = map_unread or "no khofs daemon to read it from"
+        out["unread"].append(f"the preserved-memory map: {why}")
+    elif rule is not None and mem is not None:
         pmm = next((p for p in root["properties"] if p["name"] == "preserved-memory-map"), None)
         if pmm is not None and pmm["kind"] == "u64":
-            if compat == "kho-v3":
+            if rule["radix"]:
                 out["memory_map"] = _radix_map(mem, pmm["value"])
                 if out["memory_map"]["error"]:
                     out["problems"].append(f"memory map: broken radix tree: "
@@ -242,11 +228,15 @@ def _check(root: dict, problems: list) -> None:
     if compat is None:
         problems.append("root: missing compatible")
         return
-    rule = BINDINGS.get(compat["value"])
+    rule = BINDINGS.get(compat["value"]) or (root_binding(compat["value"])
+                                             if isinstance(compat["value"], str) else None)
     if rule is None:
         if compat["value"] is not None and compat["value"].startswith("kho-v"):
-            problems.append(f"root: compatible {compat['value']!r} is not kho-v1 (6.16-7.0) "
-                            "nor kho-v3 (7.1): every emulated kernel rejects it")
+            known = [f"{c} ({', '.join(p.name for p in profiles_of_compatible(c))})"
+                     for c in compatibles()]
+            problems.append(f"root: compatible {compat['value']!r} is not "
+                            f"{', '.join(known[:-1])} nor {known[-1]}: every emulated kernel "
+                            "rejects it")
         return
     _check_props("root", root, rule, problems)
     if rule["child"] is not None:

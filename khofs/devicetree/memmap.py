@@ -1,10 +1,10 @@
 """The physical memory layout of a KHO handover: `khofs map`.
 
-A Layout is collected from a kho/ tree (what debugfs shows: out/scratch_phys,
-out/scratch_len, out/fdt, in/fdt, their sub-FDTs) by from_tree, completed on a khofs
-mount by the daemon's replies (RAM, reserve_mem regions, the root FDTs' pages, the incoming
-map, and simulated memory to walk out/fdt's map), then rendered as text here or drawn by
-memmap_plot.py. Every source of a kho/ tree (a mount, a copy, a snapshot) is a KhoTree of
+A Layout is collected from a kho/ tree (what debugfs shows: out/scratch_phys and
+out/scratch_len or 7.4's bootmem_*, out/fdt, in/fdt, their sub-FDTs) by from_tree,
+completed on a khofs mount by the daemon's replies (RAM, reserve_mem regions, the root
+FDTs' pages, the incoming map, and simulated memory to walk out/fdt's map), then rendered as
+text here or drawn by memmap_plot.py. Every source of a kho/ tree (a mount, a copy, a snapshot) is a KhoTree of
 snapshot.py.
 """
 
@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from ..kernel.profile import get_profile
+from ..kernel.profile import get_profile, profile_for_fdt, scratch_files_in
 from .dump import MemorySource, decode
 from ..kernel.rootfdt import rebuild
 from .snapshot import ROOT_FDT, KhoTree, creation_order
@@ -107,8 +107,9 @@ def from_tree(tree: KhoTree, source: str, status: dict | None = None,
     replies and its memory when given (any copy or recording of a kho/ tree works without
     them)."""
     lay = Layout(source)
-    phys = _lines(tree, "out/scratch_phys")
-    lens = _lines(tree, "out/scratch_len")
+    phys_name, len_name = scratch_files_in(tree.listdir("out"))
+    phys = _lines(tree, f"out/{phys_name}")
+    lens = _lines(tree, f"out/{len_name}")
     for i, (a, s) in enumerate(zip(phys, lens)):
         lay.regions.append(Region("scratch", a, s, scratch_kind(i)))
     if status is not None:
@@ -178,8 +179,11 @@ def _side(lay: Layout, tree: KhoTree, side: str, root_phys, mem) -> None:
         # khofs record does; where the children past the shown bytes live stays unknown.
         shown = len(blob)
         try:
-            blob, unseen = rebuild(blob, subs, get_profile(
-                lay.abi or ("7.1" if b"kho-v3\0" in blob else "7.0")), creation_order(tree))
+            prof = get_profile(lay.abi) if lay.abi else \
+                profile_for_fdt(blob, True, tree.listdir("out"))
+            if prof is None:
+                raise ValueError("its compatible is no known release's")
+            blob, unseen = rebuild(blob, subs, prof, creation_order(tree))
             where = (f", but where {', '.join(unseen)} "
                      f"{'lives' if len(unseen) == 1 else 'live'} is not shown") if unseen else ""
             lay.notes.append(f"{side}/fdt shows {shown} of the FDT's {size} bytes (its size "

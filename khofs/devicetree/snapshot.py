@@ -14,9 +14,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..kernel.profile import PROFILES, get_profile
+from ..kernel.profile import (DEFAULT_PROFILE, NO_KHO, PROFILES, get_profile, profile_for_fdt,
+                              release_profile_name, scratch_file_pairs, scratch_files_in)
 from ..kernel.fdt import FDT_HEADER, totalsize
-from ..kernel.replay import Recording, RecordingError, profile_of_release
+from ..kernel.replay import Recording, RecordingError
 from ..kernel.rootfdt import rebuild
 
 FORMAT = "khofs-snapshot"
@@ -26,7 +27,7 @@ END = "khofs-snapshot.end"      # the last member: tar itself does not notice a 
 ROOT_FDT = "root-fdt"           # extra/root-fdt: the whole root FDT when debugfs shows less
 EXTRA = (ROOT_FDT,)
 # What a KHO debugfs tree holds; anything else in a recorded tree is kept but not replayed.
-KHO_FILES = ("out/finalize", "out/fdt", "out/scratch_phys", "out/scratch_len", "in/fdt")
+KHO_FILES = ("out/finalize", "out/fdt", "in/fdt")      # and each release's scratch files
 KHO_DIRS = ("", "out", "in", "out/sub_fdts", "in/sub_fdts")
 # The manifest's keys a reader uses, and what each must be.
 META = {"source": dict, "release": str, "cmdline": str, "abi": str, "memory": int,
@@ -161,13 +162,16 @@ def _cut_short(fdt: bytes) -> bool:
 def _is_kho_path(p: str) -> bool:
     if p in KHO_FILES or p in KHO_DIRS:
         return True
+    if any(p in (f"out/{a}", f"out/{b}") for a, b in scratch_file_pairs()):
+        return True
     d, _, name = p.rpartition("/")
     return d in ("out/sub_fdts", "in/sub_fdts") and "/" not in name
 
 
 def _scratch(tree: KhoTree) -> list:
     cols = []
-    for name in ("scratch_phys", "scratch_len"):
+    names = scratch_files_in(tree.listdir("out"))
+    for name in names:
         data = tree.read(f"out/{name}")
         if data is None:
             raise SnapshotError(f"{tree.where('out/' + name)} is missing")
@@ -177,8 +181,8 @@ def _scratch(tree: KhoTree) -> list:
                                 "a line, as the kernel prints them")
         cols.append([int(x, 16) for x in lines[:-1]])
     if len(cols[0]) != len(cols[1]):
-        raise SnapshotError(f"{tree.where('out/scratch_phys')} lists {len(cols[0])} areas, "
-                            f"scratch_len {len(cols[1])}")
+        raise SnapshotError(f"{tree.where('out/' + names[0])} lists {len(cols[0])} areas, "
+                            f"{names[1]} {len(cols[1])}")
     return list(zip(*cols))
 
 
@@ -187,17 +191,39 @@ def _abi(tree: KhoTree, fdt: bytes) -> str:
     short out/fdt is 6.19+'s; 6.16-6.18 make the file when the FDT is complete)."""
     if tree.meta.get("abi"):
         return tree.meta["abi"]
-    by_release = profile_of_release(tree.meta.get("release") or "")
-    if by_release:
+    by_release = release_profile_name(tree.meta.get("release"))
+    if by_release not in (None, NO_KHO):
         return by_release
-    if b"kho-v3\0" in fdt:
-        return "7.1"
     # 6.16-6.18 make out/fdt of the FDT's size when it is complete; 6.19+ keep the size it
     # had at boot while the FDT grows (or shrinks, a subtree removed).
     shown = tree.read("out/fdt")
-    if shown is not None and len(shown) >= FDT_HEADER.size and totalsize(shown) != len(shown):
-        return "7.0"
-    return "6.18"
+    short = shown is not None and len(shown) >= FDT_HEADER.size and totalsize(shown) != len(shown)
+    prof = profile_for_fdt(fdt, short, tree.listdir("out"))
+    return prof.name if prof is not None else DEFAULT_PROFILE
+
+
+def not_from(tree, release: str) -> str | None:
+    """Why the tree cannot be the kho/ of a kernel whose uname -r is release, or None."""
+    from ..kernel.kho_fdt import KEXEC_METADATA
+    from ..kernel.profile import compatibles
+    abi = release_profile_name(release)
+    if abi in (None, NO_KHO):
+        return None
+    prof = get_profile(abi)
+    has_finalize = tree.read("out/finalize") is not None
+    if has_finalize != prof.has_finalize:
+        return (f"its out/ {'has' if has_finalize else 'has no'} finalize file, which a "
+                f"{release} kernel (ABI {abi}) {'does not have' if has_finalize else 'has'}")
+    fdt = tree.read("out/fdt") or b""
+    other = [c for c in compatibles() if c != prof.compatible and c.encode() + b"\0" in fdt]
+    if other and prof.compatible.encode() + b"\0" not in fdt:
+        return f"its out/fdt is {other[0]}, which a {release} kernel (ABI {abi}) does not write"
+    md = tree.read("out/sub_fdts/kexec-metadata")
+    if md is not None and len(md) >= KEXEC_METADATA.size:
+        named = KEXEC_METADATA.unpack_from(md)[1].split(b"\0")[0].decode(errors="replace")
+        if named != release:
+            return f"its kexec-metadata blob names release {named}"
+    return None
 
 
 # -- the file -----------------------------------------------------------------------------

@@ -211,9 +211,11 @@ class Tree:
         self.kho = self._add(Dir(self, "kho", self.root, self._kho_children))
         self.out = self._add(Dir(self, "out", self.kho, self._out_children))
         self.out_sub = self._add(Dir(self, "sub_fdts", self.out, lambda: self._blob_children("sub_fdts")))
-        self.scratch_phys = self._add(ShowFile(self, "scratch_phys", self.out, 0o400,
+        # 7.4 calls them bootmem_phys and bootmem_len
+        phys_name, len_name = machine.profile.scratch_files
+        self.scratch_phys = self._add(ShowFile(self, phys_name, self.out, 0o400,
                                                machine.scratch_phys_text))
-        self.scratch_len = self._add(ShowFile(self, "scratch_len", self.out, 0o400,
+        self.scratch_len = self._add(ShowFile(self, len_name, self.out, 0o400,
                                               machine.scratch_len_text))
         self.finalize = None
         if machine.profile.has_finalize:

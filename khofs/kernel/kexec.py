@@ -14,7 +14,7 @@ from .handover import Handover, KexecImage
 from .kho_in import preserved_runs
 from .memtrack import KHOSER_BITMAP_SIZE, MapError, chunk_elements, iter_chunks
 from .physmem import PAGE_SHIFT, PAGE_SIZE, RangeSet
-from .profile import get_profile
+from .profile import NO_KHO, NO_KHO_RELEASE, get_profile, release_profile_name
 from .radix import tree_leaves
 from .scratch import encode_scratch
 
@@ -24,10 +24,12 @@ KEXEC_SEGMENT_ALIGN = 64 << 10    # the scratch array segment is 64 KiB aligned
 def kexec_load(machine, cmdline: str | None = None, release: str | None = None,
                abi: str | None = None) -> KexecImage:
     """kexec -s -l: kho_fill_kimage attaches the FDT page and a copy of the scratch array.
-    `abi` loads a kernel of another release (default: this one's profile)."""
-    nxt = get_profile(abi) if abi is not None else machine.profile
+    `abi`, or else the release, picks the next kernel's profile (default: this one's)."""
+    named = abi or release_profile_name(release)
+    nxt = get_profile(named) if named else machine.profile
     image = KexecImage(cmdline if cmdline is not None else machine.cmdline,
-                       release or nxt.release, abi=nxt.name)
+                       release or (nxt.release if nxt else NO_KHO_RELEASE),
+                       abi=nxt.name if nxt else NO_KHO)
     attach = machine.kho_enable and (machine.kho_out.finalized or
                                   not machine.profile.handover_needs_finalize)
     if attach:
@@ -43,7 +45,7 @@ def kexec_exec(machine) -> Handover:
     if image is None:
         raise KernelError(errno.ENOENT, "no kexec image is loaded (kexec load first)")
     config = asdict(machine.config)
-    config["abi"] = image.abi or machine.profile.name
+    config["abi"] = image.abi
     config["release"] = None
     ho = Handover(cmdline=image.cmdline, release=image.release, previous_release=machine.release,
                   kexec_count=machine.kexec_count + 1, config=config)

@@ -1,27 +1,20 @@
 """kho_out: the outgoing handover (tracker, producers, finalize/abort, debugfs blob list)."""
 
 import errno
-import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
 import libfdt
 
 from .errors import KernelError
-from .fdt import PageFdtSw, fdt_errno, prop_value_offset, totalsize, u64
+from .fdt import PageFdtSw, prop_value_offset, totalsize, u64
+from .kho_fdt import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME,
+                      PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT, add_subtree_in_place,
+                      new_root_fdt)
 from .memtrack import MemTracker
 from .radix import RadixTracker
 from .physmem import PAGE_SHIFT, PAGE_SIZE, Kmalloc, PageAllocator, PhysMem
 from .profile import Profile
-
-KHO_FDT_COMPATIBLE = "kho-v1"
-PROP_PRESERVED_MEMORY_MAP = "preserved-memory-map"
-PROP_SUB_FDT = "fdt"
-PROP_BLOB_SIZE = "blob-size"
-KHO_METADATA_NODE_NAME = "kexec-metadata"
-KHO_KEXEC_METADATA_VERSION = 1
-KEXEC_METADATA = struct.Struct("<I65sI")       # packed: version, previous_release, kexec_count
-
 
 class Producer:
     """A KHO user on the notifier chain (KEXEC_KHO_FINALIZE / KEXEC_KHO_ABORT)."""
@@ -34,42 +27,11 @@ class Producer:
     def abort(self, kho: "KhoOut") -> None:
         """Raise KernelError to fail the abort."""
 
+    def init_subtree(self, kho: "KhoOut") -> None:
+        """6.19+: preserve and kho_add_subtree() when the user comes up, not at finalize."""
 
-def new_root_fdt(profile: Profile, map_phys: int) -> bytearray:
-    """kho_out_fdt_setup (6.19+): the root FDT made at boot in its page, with the map's
-    address (7.1: the radix root; 7.0: 0 until a finalize)."""
-    sw = PageFdtSw(PAGE_SIZE)
-    sw.finish_reservemap()
-    sw.begin_node("")
-    sw.property_string("compatible", profile.compatible)
-    sw.property(PROP_PRESERVED_MEMORY_MAP, u64(map_phys))
-    sw.end_node()
-    return sw.finish()
-
-
-def add_subtree_in_place(buf: bytearray, profile: Profile, name: str, phys: int,
-                         size: int | None) -> "KernelError | None":
-    """6.19+ kho_add_subtree's edit of a root FDT page (fdt_open_into, fdt_add_subnode,
-    fdt_setprop, fdt_pack): children end up newest first. The kernel's error, if any; as
-    in the kernel, a failing setprop leaves the node in the FDT."""
-    if libfdt.fdt_open_into(buf, buf, PAGE_SIZE) < 0:
-        return KernelError(errno.ENOMEM, "the root FDT cannot be opened")
-    err = None
-    off = libfdt.fdt_add_subnode(buf, 0, name)
-    if off < 0:
-        err = KernelError(errno.EEXIST if off == -libfdt.EXISTS else errno.ENOMEM,
-                          f"subtree {name!r}: {libfdt.fdt_strerror(off)}")
-    else:
-        props = [(profile.sub_prop, u64(phys))]
-        if profile.blob_size:
-            props.append((PROP_BLOB_SIZE, u64(size)))
-        for pname, val in props:
-            ret = libfdt.fdt_setprop(buf, off, pname, val, len(val))
-            if ret < 0:
-                err = KernelError(fdt_errno(ret), f"subtree {name!r}: {libfdt.fdt_strerror(ret)}")
-                break
-    libfdt.fdt_pack(buf)
-    return err
+    def remove_subtree(self, kho: "KhoOut") -> None:
+        """6.19+: kho_remove_subtree() and give back what init_subtree preserved."""
 
 
 @dataclass
@@ -208,6 +170,23 @@ class KhoOut:
         """unregister_kho_notifier."""
         self.producers.remove(producer)
 
+    def add_producer(self, producer: Producer, first: bool = False) -> None:
+        """A KHO user comes up: from 6.19 its subtree goes in now, before that at finalize
+        (on the notifier chain, first in line if asked)."""
+        if self.profile.fdt_at_boot:
+            producer.init_subtree(self)
+        else:
+            self.register_notifier(producer, first)
+
+    def remove_producer(self, producer: Producer) -> bool:
+        """A KHO user goes away. True when no handover points at its pages any more (a
+        finalized root FDT before 6.19 still does)."""
+        if self.profile.fdt_at_boot:
+            producer.remove_subtree(self)
+            return True
+        self.unregister_notifier(producer)
+        return not self.finalized
+
     def _debugfs_add(self, dirname: str, name: str, phys: int, size: int | None = None) -> None:
         if any(b.name == name and d == dirname for d, b in self.fdt_list):
             raise KernelError(errno.EEXIST, f"debugfs entry {dirname}/{name} exists")
@@ -282,7 +261,7 @@ class KhoOut:
         try:
             sw.finish_reservemap()
             sw.begin_node("")
-            sw.property_string("compatible", KHO_FDT_COMPATIBLE)
+            sw.property_string("compatible", self.profile.compatible)
             sw.property(PROP_PRESERVED_MEMORY_MAP, u64(0))    # placeholder, patched below
             self.preserve_folio(self.fdt_page, 0)
             for p in self.producers:

@@ -5,15 +5,15 @@ from dataclasses import dataclass, field
 
 from .errors import KernelError
 from .fdt import check_header, getprop, node_check_compatible, subnodes, totalsize
-from .kho import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME, \
+from .kho_fdt import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME, \
     PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP
 from .memtrack import MapError, walk_memory_map
 from .physmem import PAGE_SIZE, PhysMem
-from .profile import PROFILES, Profile
+from .profile import DEFAULT_PROFILE, Profile, get_profile
 from .radix import walk_radix_map
 from .scratch import decode_scratch
 
-DEFAULT = PROFILES["6.18"]
+DEFAULT = get_profile(DEFAULT_PROFILE)
 
 
 @dataclass
@@ -113,10 +113,7 @@ def sub_fdt_entries(mem: PhysMem, fdt_phys: int, log, profile: Profile = DEFAULT
         if prop is None:
             continue
         if len(prop) != 8:
-            if profile.fdt_at_boot:
-                log(f"KHO: node {name} prop {prop_name} has invalid length: {len(prop)}")
-            else:
-                log(f"KHO: node `{name}`'s prop `fdt` has invalid length: {len(prop)}")
+            log(profile.bad_sub_prop_line.format(name=name, prop=prop_name, len=len(prop)))
             continue
         phys = int.from_bytes(prop, "little")
         if profile.blob_size:

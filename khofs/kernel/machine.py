@@ -19,7 +19,7 @@ from .producers.memblock import (MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE,
                                  parse_reserve_mem)
 from .producers.test_kho import KHO_TEST_FDT, PREFIX as TEST_PREFIX, TestKho
 from .producers.test_kho import restore as test_kho_restore
-from .profile import DEFAULT_PROFILE, get_profile
+from .profile import NO_KHO_RELEASE, get_profile, kernel_name
 from .scratch import ScratchConfig, format_lines, parse_kho_scratch, reserve_scratch
 
 KERNEL_LOAD_ADDR = 16 * SZ_1M     # x86 LOAD_PHYSICAL_ADDR: where boot reservations start
@@ -31,7 +31,7 @@ class MachineConfig:
     memory: int = 4 << 30
     nodes: int = 1
     boot_reserved: int = 64 << 20
-    abi: str = DEFAULT_PROFILE
+    abi: str | None = None         # None: the profile the release names, else the default
     release: str | None = None     # uname -r; None: the profile's default
 
 
@@ -48,8 +48,10 @@ class Machine:
                  handover: Handover | None = None, release: str | None = None):
         self.config = config = config or MachineConfig()
         self.cmdline = cmdline
-        self.profile = get_profile(config.abi)
-        self.release = release or config.release or self.profile.release
+        release = release or config.release
+        # None: a kernel from before KHO; it has no kho/ and knows no kho parameter.
+        self.profile = get_profile(kernel_name(config.abi, release))
+        self.release = release or (self.profile.release if self.profile else NO_KHO_RELEASE)
         self.kexec_count = handover.kexec_count if handover else 0
         self.previous_release = handover.previous_release if handover else None
         self.dmesg: list[LogLine] = []
@@ -65,7 +67,7 @@ class Machine:
         self.memblock.reserve(0, SZ_1M)                  # firmware's low 1 MiB
 
         self.kho_in = None
-        if handover is not None and handover.fdt_phys is not None:
+        if handover is not None and handover.fdt_phys is not None and self.profile is not None:
             for pfn, data in handover.pages.items():
                 # An in-process kexec hands the old kernel's page buffers over without a copy.
                 self.mem.pages[pfn] = data if isinstance(data, bytearray) else bytearray(data)
@@ -132,11 +134,8 @@ class Machine:
             if self.test_kho:
                 self._test_kho_init()
             if self.reserve_mem:
-                producer = MemblockProducer(self.kho_out, self.reserve_mem)
-                if self.profile.fdt_at_boot:
-                    producer.init_subtree(self.kho_out)     # late_initcall, no notifier
-                else:
-                    self.kho_out.register_notifier(producer)
+                # 6.19+: at late_initcall
+                self.kho_out.add_producer(MemblockProducer(self.kho_out, self.reserve_mem))
 
     # -- logging ------------------------------------------------------------
     def info(self, text: str) -> None:
@@ -162,18 +161,28 @@ class Machine:
 
     # -- parameters -----------------------------------------------------------
     def _early_params(self, params) -> None:
+        prof = self.profile
         for param, val in params:
             try:
-                if parameq(param, "kho"):
+                if prof is None and (parameq(param, "kho") or parameq(param, "khofs.test_kho")):
+                    # unknown to a kernel without KHO: it goes to init and does nothing
+                    self.ignored.append(f"{_shown(param, val)}: ignored, this kernel has no "
+                                        "KHO (it came in v6.16)")
+                elif parameq(param, "kho"):
                     self.kho_enable = kstrtobool(val)
                 elif parameq(param, "khofs.test_kho"):
                     self.test_kho = kstrtobool(val)
-                elif parameq(param, "kho_scratch"):
-                    msg = parse_kho_scratch(val, self.scratch_cfg, self.profile.strict_scratch)
+                elif prof is not None and parameq(param, prof.scratch_param):
+                    msg = parse_kho_scratch(val, self.scratch_cfg, prof.strict_scratch)
                     self.info("KHO: " + msg)
                     if self.kho_in is not None:
-                        self.ignored.append(f"kho_scratch={val}: ignored after a KHO kexec, the "
+                        self.ignored.append(f"{param}={val}: ignored after a KHO kexec, the "
                                             "scratch areas of the previous kernel are reused")
+                elif parameq(param, "kho_scratch") or parameq(param, "kho_bootmem"):
+                    # a name another release gives the scratch areas: unknown to this one
+                    self.ignored.append(f"{_shown(param, val)}: ignored, not a parameter of "
+                                        f"this kernel" + (f" (it takes {prof.scratch_param}=)"
+                                                          if prof else ""))
             except KernelError as e:
                 self.warn(f"Malformed early option '{param}'")
                 self.ignored.append(f"{_shown(param, val)}: ignored, {e.message}")
@@ -236,11 +245,7 @@ class Machine:
             if e.errno != errno.ENOENT:
                 self.warn(f"{TEST_PREFIX}failed to retrieve {KHO_TEST_FDT} FDT: {-e.errno}")
                 return
-            producer = TestKho(self.kho_out, seed)
-            if self.profile.fdt_at_boot:
-                producer.init_subtree(self.kho_out)
-            else:
-                self.kho_out.register_notifier(producer, first=True)
+            self.kho_out.add_producer(TestKho(self.kho_out, seed), first=True)
             return
         if test_kho_restore(self.mem, phys, self.incoming_runs):
             self.info(f"{TEST_PREFIX}KHO restore succeeded")
@@ -326,21 +331,31 @@ class Machine:
                                 "kexec_count": self.kho_in.kexec_count}
                                if self.kho_in is not None and self.profile.kexec_metadata
                                and self.kho_in.previous_release is not None else None),
-            "abi": self.profile.name,
+            "abi": self.profile.name if self.profile else None,     # None: a kernel without KHO
             "memory_size": self.mem.size,
             "nodes": len(self.mem.nodes),
-            "preserve_bits": self.profile.preserve_bits,
+            "preserve_bits": self.profile.preserve_bits if self.profile else None,
             "cmdline": self.cmdline,
             "kho_enabled": self.kho_enable,
             "kho_in": self.kho_in is not None,
-            "finalized": bool(out and out.finalized) if self.profile.has_finalize else None,
+            "finalized": bool(out and out.finalized)
+            if self.profile and self.profile.has_finalize else None,
             "scratch": [{"addr": a, "size": s} for a, s in self.scratch],
             "preserved_bytes": out.track.preserved_bytes() if out else 0,
             "incoming_preserved_bytes": self.preserved.total(),
             "image_loaded": self.image is not None,
+            # the kernel hands over blobs of any format (kho-v3's blob-size), not only FDTs
+            "any_blob": bool(self.profile and self.profile.blob_size),
             "kexec_notes": self.kexec_notes,
             "replay": self.replay,
         }
+
+    def root_fdt(self) -> bytes | None:
+        """The whole root FDT when this kernel keeps it live beyond what out/fdt shows (6.19+:
+        out/fdt is sized once, and gone after a kexec); None otherwise."""
+        if self.kho_out is None or not self.profile.fdt_at_boot:
+            return None
+        return self.kho_out.root_fdt()
 
     def memory_layout(self) -> dict:
         """What debugfs does not show of the physical layout (for khofs map)."""

@@ -20,13 +20,13 @@ from .fdt import check_header, getprop, node_check_compatible, prop_value_offset
     totalsize
 from .handover import Handover
 from .kexec import place_segment
-from .kho import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME,
-                  PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT)
+from .kho_fdt import (KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME,
+                      PROP_BLOB_SIZE, PROP_PRESERVED_MEMORY_MAP, PROP_SUB_FDT)
 from .memtrack import MemTracker
 from .physmem import (PAGE_SHIFT, PAGE_SIZE, SZ_1M, Kmalloc, Memblock, PageAllocator, PhysMem,
                       RangeSet)
 from .producers.memblock import MEMBLOCK_KHO_FDT, MEMBLOCK_KHO_NODE_COMPATIBLE
-from .profile import get_profile
+from .profile import get_profile, kernel_name
 from .radix import RadixTracker
 from .scratch import encode_scratch
 
@@ -82,22 +82,6 @@ class Recording:
     def plan(self) -> Plan:
         """Where its pieces go; RecordingError if it could not be handed over as it is."""
         return _plan(self)
-
-
-def profile_of_release(release: str) -> str | None:
-    """The ABI profile of a kernel release string (6.17.3 -> 6.16, 7.0.1 -> 7.0), or None."""
-    head = release.split("-")[0].split(".")
-    try:
-        ver = (int(head[0]), int(head[1]))
-    except (IndexError, ValueError):
-        return None
-    if ver < (6, 16):
-        return None
-    if ver < (6, 18):
-        return "6.16"
-    if ver < (6, 19):
-        return "6.18"
-    return "7.0" if ver < (7, 1) else "7.1"
 
 
 def fdt_problem(blob: bytes) -> str | None:
@@ -168,17 +152,18 @@ def _reserve_mem_regions(kids) -> list:
 
 def _plan(rec: Recording) -> Plan:
     scratch = [(f"scratch area {n}", a, s) for n, (a, s) in enumerate(rec.scratch) if s]
+    phys_file, len_file = (f"out/{n}" for n in get_profile(rec.abi).scratch_files)
     if not scratch:
-        raise RecordingError("out/scratch_len", " lists no scratch area of nonzero size")
+        raise RecordingError(len_file, " lists no scratch area of nonzero size")
     for i, (what, a, s) in enumerate(scratch):
         if a + s > MAX_PHYS:
-            raise RecordingError("out/scratch_phys", f": {what} ends past 2^52, the largest "
+            raise RecordingError(phys_file, f": {what} ends past 2^52, the largest "
                                  "physical address")
         for other, a2, s2 in scratch[:i]:
             if a < a2 + s2 and a2 < a + s:
-                raise RecordingError("out/scratch_phys", f": {other} and {what} overlap")
+                raise RecordingError(phys_file, f": {other} and {what} overlap")
     if place_segment(rec.scratch, len(encode_scratch(rec.scratch))) is None:
-        raise RecordingError("out/scratch_len", ": no scratch area can hold the "
+        raise RecordingError(len_file, ": no scratch area can hold the "
                              f"{len(encode_scratch(rec.scratch))}-byte kho_scratch array")
     kids = _children(rec)
     mp = _map_phys(rec)
@@ -318,7 +303,7 @@ def replay_handover(rec: Recording, cmdline: str, config, release: str | None) -
     cfg = asdict(config)
     cfg["release"] = None
     return Handover(
-        cmdline=cmdline, release=release or get_profile(config.abi).release,
+        cmdline=cmdline, release=release or get_profile(kernel_name(config.abi, release)).release,
         previous_release=rec.release, kexec_count=_metadata_count(kids) or 1, config=cfg,
         fdt_phys=root, scratch_phys=seg, scratch_len=len(scratch_bytes), pages=dict(mem.pages),
         replay={"snapshot": rec.source, "recorded_release": rec.release,

@@ -14,7 +14,7 @@ import itertools
 import struct
 
 from .fdt import FDT_HEADER, totalsize
-from .kho import KHO_METADATA_NODE_NAME, add_subtree_in_place, new_root_fdt
+from .kho_fdt import KHO_METADATA_NODE_NAME, add_subtree_in_place, new_root_fdt
 from .profile import Profile
 
 FDT_BEGIN_NODE, FDT_END_NODE, FDT_PROP, FDT_NOP, FDT_END = 1, 2, 3, 4, 9

@@ -127,7 +127,7 @@ def test_round_trip(path_mounts, tmp_path):
     scratch_len = read(f"{mnt}/kho/out/scratch_len")
     assert scratch_len == b"0x1000000\n0x4000000\n0x1000000\n"
 
-    r = khofs("kexec", mnt, "--release", "6.17.0-next",
+    r = khofs("kexec", mnt, "--release", "6.18.2-next",
               "--cmdline", "kho=on reserve_mem=4M:4096:oops kho_scratch=32M,128M,32M")
     assert "Revived memory reservation 'oops' from KHO" in r.stdout.decode()
 
@@ -154,7 +154,7 @@ def test_round_trip(path_mounts, tmp_path):
     assert mem_read(mnt, start + size - PAGE, PAGE) == region_tail
 
     st = status(mnt)
-    assert (st["kexec_count"], st["release"], st["kho_in"]) == (1, "6.17.0-next", True)
+    assert (st["kexec_count"], st["release"], st["kho_in"]) == (1, "6.18.2-next", True)
     assert "Revived memory reservation 'oops' from KHO" in log_lines(mnt)
     daemon_log = runtime.paths(mnt)["log"]
     wait_until(lambda: "Revived memory reservation 'oops' from KHO" in

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-from khofs.cli.record import not_from
+from khofs.devicetree.snapshot import not_from
 from khofs.devicetree.snapshot import load, read_dir
 from khofs_testlib import KHOFS
 from khoit import write_bytes

@@ -187,16 +187,19 @@ def run_isolated(items, fn, timeout=2.5, parallel=2):
 
 
 # -- the ABI profiles (KHO-SPEC §0, §9; docs/abi-profiles.md) ---------------------------------
-FINALIZE_PROFILES = ["6.16", "6.18", "7.0"]          # 7.1 has no out/finalize
-COMPATIBLE = {"6.16": "kho-v1", "6.18": "kho-v1", "7.0": "kho-v1", "7.1": "kho-v3"}
+FINALIZE_PROFILES = ["6.16", "6.18", "7.0"]          # 7.1+ have no out/finalize
+RADIX_PROFILES = ("7.1", "7.2", "7.4")               # radix map, blob-size, kexec-metadata
+COMPATIBLE = {"6.16": "kho-v1", "6.18": "kho-v1", "7.0": "kho-v1", "7.1": "kho-v3",
+              "7.2": "kho-v4", "7.4": "kho-v4"}
 FOUND_LINE = {"6.16": "KHO: found kexec handover data. Will skip init for some devices",
               "6.18": "KHO: found kexec handover data. Will skip init for some devices",
-              "7.0": "KHO: found kexec handover data.", "7.1": "KHO: found kexec handover data."}
+              "7.0": "KHO: found kexec handover data.", "7.1": "KHO: found kexec handover data.",
+              "7.2": "KHO: found kexec handover data.", "7.4": "KHO: found kexec handover data."}
 
 
 def revival_off_line(abi: str, err: int | None = None) -> str:
     """kho_populate's failure line: 7.1 dropped the number (a prefix when err is None)."""
-    if abi == "7.1":
+    if abi in RADIX_PROFILES:
         return "KHO: disabling KHO revival"
     return "KHO: disabling KHO revival: " + ("" if err is None else str(err))
 

@@ -420,11 +420,11 @@ def _preserve_in_a_new_bitmap(c, r):
 
 
 # -- 7.0 / 7.1: subtrees come and go while the root FDT is edited in place --------------------
-SUBTREE_PROFILES = ["7.0", "7.1"]
-SUB_PROP = {"7.0": "fdt", "7.1": "preserved-data"}
+SUBTREE_PROFILES = ["7.0", "7.1", "7.4"]
+SUB_PROP = {"7.0": "fdt", "7.1": "preserved-data", "7.4": "preserved-data"}
 # out/fdt's size is fixed at kho_init: the root FDT with no child (7.0), or with only
 # kexec-metadata (7.1) (KHO-SPEC §9, §10).
-OUT_FDT_SIZE = {"7.0": 152, "7.1": 233}
+OUT_FDT_SIZE = {"7.0": 152, "7.1": 233, "7.4": 233}      # kho-v4 is as long as kho-v3
 CHURNERS = 2
 CHURN_NAMES = 3           # per churner
 READERS = 4
@@ -596,7 +596,7 @@ def _root_problems(abi, root, shown, listing, names):
     for n, props in children.items():
         if len(props.get(SUB_PROP[abi], b"")) != 8:
             problems.append(f"child {n}: {SUB_PROP[abi]} is {props.get(SUB_PROP[abi])!r}")
-        if abi == "7.1" and n in listing and \
+        if abi in sup.RADIX_PROFILES and n in listing and \
                 props.get("blob-size") != listing[n].to_bytes(8, "little"):
             problems.append(f"child {n}: blob-size {props.get('blob-size')!r}, file {listing[n]}")
     return problems
@@ -607,7 +607,8 @@ def test_subtree_churn_against_readers(mounter, abi):
     mnt = mounter.mount("--cmdline", CMDLINE, "--memory", "1G", "--abi", abi)
     out = f"{mnt}/kho/out"
     base = {n: sup.read_file(f"{out}/sub_fdts/{n}") for n in os.listdir(f"{out}/sub_fdts")}
-    assert set(base) == ({"memblock", "kexec-metadata"} if abi == "7.1" else {"memblock"})
+    assert set(base) == ({"memblock", "kexec-metadata"} if abi in sup.RADIX_PROFILES
+                         else {"memblock"})
     assert len(sup.read_file(f"{out}/fdt")) == OUT_FDT_SIZE[abi]
     lock = CTX.Lock()
     shared = {k: CTX.RawValue("q", 0) for k in ("ops", "started", "done", "strict")}

@@ -31,7 +31,9 @@ REASONS = ("is invalid: ", "is incompatible with 'kho-v1': ", "failed to memrema
 # the kernel's walk; khofs says so and boots as if cold (docs/abi-profiles.md).
 WALK_BROKEN = "khofs: the preserved-memory tree is broken"
 PAST_MEMORY = "runs past the end of memory"
-MAP_ERROR = {"7.0": BITMAPS_MSG, "7.1": "KHO: failed to get preserved memory map"}
+MAP_ERROR = {"7.0": BITMAPS_MSG, "7.1": "KHO: failed to get preserved memory map",
+             "7.2": "KHO: failed to get preserved memory map",
+             "7.4": "KHO: failed to get preserved memory map"}
 GiB = 1 << 30
 
 
@@ -57,9 +59,9 @@ def build_base(kind):
         else:
             # 6.19+: the subtree goes in at registration; kho-v3 takes any blob, not only FDTs.
             blob = sup.small_dtb("rel-v1", {"n": 7}) if abi == "7.0" else b"rel-v3 any blob " * 9
-            UserSubtree(kho, "relsub", blob).register(kho)
+            UserSubtree(kho, "relsub", blob).init_subtree(kho)
     kho = m.kho_out
-    if abi != "7.1":                        # 7.1 has nothing to finalize
+    if abi not in sup.RADIX_PROFILES:                        # 7.1 has nothing to finalize
         kho.set_finalize(1)
     page = m.mem.read(kho.fdt_page, sup.PAGE)
     props = sup.root_props(page)
@@ -68,7 +70,7 @@ def build_base(kind):
             "map_off": map_off, "map_nameoff": struct.unpack_from(">I", page, map_off - 4)[0],
             "chunks": list(kho.map_chunks),
             "subs": [b.phys for d, b in kho.fdt_list if d == "sub_fdts"]}
-    if abi == "7.1":
+    if abi in sup.RADIX_PROFILES:
         base["children"] = list(sup.child_props(page).items())
         base["meta"] = int.from_bytes(sup.subnodes(page)["kexec-metadata"]["preserved-data"],
                                       "little")
@@ -372,7 +374,7 @@ def run_case(base, muts):
                    MAP_ERROR[abi])
         found = sup.FOUND_LINE[abi]
         map0 = not broken and page[base["map_off"]:base["map_off"] + 8] == bytes(8)
-    meta = expected_metadata(base, page) if abi == "7.1" else None
+    meta = expected_metadata(base, page) if abi in sup.RADIX_PROFILES else None
     m.kexec_load(release="rel-next")
     ho = m.kexec_exec()
     m2 = Machine(ho.cmdline, MachineConfig(**ho.config), ho, release=ho.release)
@@ -380,9 +382,10 @@ def run_case(base, muts):
     accepted = m2.kho_in is not None
     has_acc = found in dmesg
     off_line = sup.revival_off_line(abi)
-    has_off = any(t == off_line if abi == "7.1" else t.startswith(off_line) for t in dmesg)
+    has_off = any(t == off_line if abi in sup.RADIX_PROFILES else t.startswith(off_line)
+                  for t in dmesg)
     has_reason = any(r in t for t in dmesg for r in reasons)
-    walk_broken = abi == "7.1" and any(t.startswith(WALK_BROKEN) for t in dmesg)
+    walk_broken = abi in sup.RADIX_PROFILES and any(t.startswith(WALK_BROKEN) for t in dmesg)
     if accepted and not (has_acc and not has_off):
         problems.append(f"accepted without the kernel's lines: {dmesg}")
     if not accepted and not (has_off and (has_reason or map0) and not has_acc) \
@@ -423,10 +426,10 @@ def run_case(base, muts):
         if isinstance(data, str) and not ("EFAULT" in data and (said or past)):
             problems.append(f"{p}: {data}")
     json.dumps(m2.status())
-    if abi == "7.1":
+    if abi in sup.RADIX_PROFILES:
         problems += check_71(page, kinds, meta, m2, tree, dmesg, intact)
         try:
-            UserSubtree(m2.kho_out, "after", b"added after the handover").register(m2.kho_out)
+            UserSubtree(m2.kho_out, "after", b"added after the handover").init_subtree(m2.kho_out)
         except KernelError as e:
             if e.errno != errno.ENOMEM:
                 problems.append(f"the next kernel cannot add a subtree: {e}")
@@ -469,7 +472,7 @@ def predict_7x(base, page, kinds, map_broken):
         return False, MAP_ERROR[abi], True
     if page[base["map_off"]:base["map_off"] + 8] == bytes(8):
         return False, sup.revival_off_line(abi, -errno.ENOENT), True
-    return True, sup.FOUND_LINE[abi], not (abi == "7.1" and kinds & TREE_KINDS_71)
+    return True, sup.FOUND_LINE[abi], not (abi in sup.RADIX_PROFILES and kinds & TREE_KINDS_71)
 
 
 def _fdt(page):
@@ -573,6 +576,9 @@ GROUPS = {
     "6.16/6.18": (BASE_KINDS, example, "handover_corruptions.txt", 800, 0x6B686F32),
     "7.0": (BASE_KINDS_70, example_70, "handover_corruptions_70.txt", 600, 0x6B686F70),
     "7.1": (BASE_KINDS_71, example_71, "handover_corruptions_71.txt", 600, 0x6B686F71),
+    # kho-v4 (7.2) and boot memory (7.4): 7.1's corruptions against their own bases
+    "7.2": (["7.2"], example_71, "handover_corruptions_71.txt", 600, 0x6B686F72),
+    "7.4": (["7.4"], example_71, "handover_corruptions_71.txt", 600, 0x6B686F74),
 }
 
 
@@ -701,7 +707,7 @@ def _kexec_and_judge(mnt, abi, log_path, log_start, corrupted, want_acc, fragmen
         found = sup.FOUND_LINE[abi] in log
         off = sup.revival_off_line(abi) in log
         # 7.1: a tree the kernel's walk would fault on comes after kho_populate accepted.
-        walked_into = abi == "7.1" and found and WALK_BROKEN in log
+        walked_into = abi in sup.RADIX_PROFILES and found and WALK_BROKEN in log
         if accepted != (found and not walked_into) or (not accepted) != (off or walked_into):
             problems.append(f"log does not say what happened:\n{log}")
         if os.path.isdir(f"{mnt}/kho/in") != accepted:
@@ -763,6 +769,11 @@ MOUNT_CASES_7X = {
         ("radix root entry past memory", ("radix", 1 << 40), None, FOUND_71),
     ],
 }
+# kho-v4: a 7.1 root is refused as a 6.x one is by 7.1; the rest as 7.1.
+for _abi in ("7.2", "7.4"):
+    MOUNT_CASES_7X[_abi] = [
+        ("compatible kho-v3", ("compat", b"kho-v3"), False, "is incompatible with 'kho-v4': 1")
+    ] + [c for c in MOUNT_CASES_7X["7.1"] if c[1][0] != "compat"]
 
 
 @pytest.mark.fuse

@@ -208,12 +208,12 @@ def test_70_subtree_appears_at_registration_and_goes_at_removal():
     fdt = sw.as_fdt()
     dtb = bytes(fdt.as_bytearray()[:fdt.totalsize()])
     u = UserSubtree(kho, "mine", dtb)
-    u.register(kho)
+    u.init_subtree(kho)
     assert [b.name for b in kho.blobs("sub_fdts")] == ["mine"]
     with pytest.raises(KernelError) as e:
-        UserSubtree(kho, "mine", dtb).register(kho)
+        UserSubtree(kho, "mine", dtb).init_subtree(kho)
     assert e.value.errno == errno.EEXIST
-    u.unregister(kho)
+    u.remove_subtree(kho)
     assert kho.blobs("sub_fdts") == [] and children(kho.root_fdt()) == []
     with pytest.raises(KernelError) as e:
         UserSubtree(kho, "raw", b"not an fdt")
@@ -326,7 +326,7 @@ def test_71_child_without_blob_size_gets_no_in_file_and_a_warning():
     m = boot("7.1", "kho=on")
     kho = m.kho_out
     u = UserSubtree(kho, "raw", b"\x01\x02\x03 any format")
-    u.register(kho)
+    u.init_subtree(kho)
     buf = bytearray(page_fdt(m))
     libfdt.fdt_delprop(buf, libfdt.fdt_subnode_offset(buf, 0, "raw"), "blob-size")
     m.mem.write(kho.fdt_page, buf)
@@ -338,7 +338,7 @@ def test_71_child_without_blob_size_gets_no_in_file_and_a_warning():
 def test_71_raw_blob_subtree_round_trips_with_its_size():
     m = boot("7.1", "kho=on")
     u = UserSubtree(m.kho_out, "raw", b"\x00\xffraw bytes")
-    u.register(m.kho_out)
+    u.init_subtree(m.kho_out)
     n = kexec(m)
     (name, phys, size), = [b for b in n.kho_in.blobs if b[0] == "raw"]
     assert size == 11 and n.mem.read(phys, size) == b"\x00\xffraw bytes"
@@ -394,7 +394,7 @@ def test_1_tib_of_order_0_pages_is_cheap_in_the_radix_tree():
 
 @pytest.mark.parametrize("src,dst", list(CROSS), ids=[f"{s}-to-{d}" for s, d in CROSS])
 def test_cross_release_kexec(src, dst):
-    accepted, map_ok = CROSS[(src, dst)]
+    accepted, map_ok, rejection = CROSS[(src, dst)]
     m = boot(src, "kho=on reserve_mem=1M:4096:test_resv")
     p = m.pages.alloc_range(2)
     m.kho_out.preserve_pages(p, 2 * PAGE_SIZE)
@@ -412,11 +412,14 @@ def test_cross_release_kexec(src, dst):
         clean = not any(t.startswith(("khofs:", "KHO: failed")) for t in lines)
         assert clean == map_ok
     else:
-        want = "kho-v3" if dst == "7.1" else "kho-v1"
+        want, revival = rejection
         assert lines[0].startswith("KHO: setup: handover FDT (0x")
         assert lines[0].endswith(f"is incompatible with '{want}': 1")
-        assert lines[1] == n.profile.revival_line(-errno.EINVAL)
+        assert lines[1] == revival == n.profile.revival_line(-errno.EINVAL)
         assert not n.preserved.contains(p, p + PAGE_SIZE)
+    metadata = [t for t in lines if t.startswith("KHO: exec from:")]
+    assert metadata == ([f"KHO: exec from: {m.release} (count 1)"]
+                        if accepted and n.profile.kexec_metadata else [])
 
 
 def test_70_unfinalized_into_618_is_accepted_with_nothing_preserved():

@@ -6,7 +6,7 @@ import struct
 import libfdt
 
 from khofs.kernel.fdt import getprop, subnodes
-from khofs.kernel.kho import PROP_PRESERVED_MEMORY_MAP
+from khofs.kernel.kho_fdt import PROP_PRESERVED_MEMORY_MAP
 from khofs.kernel.machine import Machine, MachineConfig
 from khofs.kernel.physmem import PAGE_SIZE, Memblock, PageAllocator, PhysMem
 

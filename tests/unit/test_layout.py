@@ -126,3 +126,38 @@ def test_every_public_function_says_what_it_does(path):
                     visit(ch, prefix + ch.name + ".")
     visit(ast.parse(path.read_text()), "")
     assert missing == [], f"{path.relative_to(ROOT)}: no docstring: {missing}"
+
+
+# The CLI talks to the daemon through the client and to the kernel through a few public
+# calls: the profile table's names, a boot's configuration and a replay's handover, never a
+# Machine's insides or a profile's fields (what the daemon answers says what the kernel does).
+CLI_ALLOWED = ("khofs.cli", "khofs.client", "khofs.runtime", "khofs.devicetree",
+               "khofs.daemon", "khofs.kernel.profile", "khofs.kernel.machine",
+               "khofs.kernel.replay", "khofs.kernel.kstrtox", "khofs.kernel.fdt")
+CLI_FROM_PROFILE = {"PROFILES", "NO_KHO", "release_profile_name"}
+MACHINE_INSIDES = {"machine", "kho_out", "kho_in", "dmesg", "ignored", "kexec_notes",
+                   "warnings", "profile"}
+CLI_MODULES = [p for p in MODULES if module_name(p).startswith("khofs.cli")]
+
+
+@pytest.mark.parametrize("path", CLI_MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_cli_uses_public_calls_only(path):
+    name = module_name(path)
+    bad = [m for m in imports(path) if m.startswith("khofs") and
+           not any(m == a or m.startswith(a + ".") for a in CLI_ALLOWED)]
+    assert bad == [], f"{name} imports {bad}"
+    tree = ast.parse(path.read_text())
+    from_profile = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and (n.module or "").endswith("kernel.profile") for a in n.names}
+    assert from_profile <= CLI_FROM_PROFILE, f"{name} takes {from_profile - CLI_FROM_PROFILE}"
+    insides = sorted({f"{n.lineno}: .{n.attr}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Attribute) and n.attr in MACHINE_INSIDES})
+    assert insides == [], f"{name} reads a Machine's insides at {insides}"
+
+
+def test_the_cli_rule_sees_a_machines_insides(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("for w in host.machine.warnings():\n    print(w)\n")
+    tree = ast.parse(bad.read_text())
+    assert sorted(n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                  and n.attr in MACHINE_INSIDES) == ["machine", "warnings"]

@@ -16,7 +16,7 @@ from khofs.fs.debugfs import Tree
 from khofs.kernel.fdt import prop_value_offset, totalsize
 from khofs.kernel.machine import Machine, MachineConfig
 from khofs.kernel.profile import PROFILES
-from khofs.kernel.replay import RecordingError, profile_of_release, replay_handover
+from khofs.kernel.replay import RecordingError, replay_handover
 
 G = 1 << 30
 CMDLINE = "kho=on reserve_mem=4M:4096:oops khofs.test_kho=1"
@@ -77,7 +77,7 @@ def test_round_trip_every_profile(abi):
     assert fdt.startswith(tree.files["out/fdt"])
     assert subs == {p.split("/")[-1]: data for p, data in tree.files.items()
                     if p.startswith("out/sub_fdts/")}
-    assert len(subs) == (3 if abi == "7.1" else 2)
+    assert len(subs) == (3 if PROFILES[abi].kexec_metadata else 2)
     assert nxt.scratch == old.scratch
     assert nxt.kho_in.scratch == old.scratch
     assert "Revived memory reservation 'oops' from KHO" in log(nxt)
@@ -92,7 +92,8 @@ def test_round_trip_every_profile(abi):
     assert f"in the {abi} format" in st["not_recorded"][1]
     assert st["ignored"] == []
     exec_from = [line for line in log(nxt) if line.startswith("KHO: exec from:")]
-    assert exec_from == ([f"KHO: exec from: {old.release} (count 1)"] if abi == "7.1" else [])
+    assert exec_from == ([f"KHO: exec from: {old.release} (count 1)"]
+                         if PROFILES[abi].kexec_metadata else [])
 
 
 @pytest.mark.parametrize("abi", list(PROFILES))
@@ -308,13 +309,6 @@ def test_memory_too_small():
         replay_handover(rec, CMDLINE, MachineConfig(memory=512 << 20), None)
 
 
-@pytest.mark.parametrize("release,abi", [
-    ("6.15.2", None), ("6.16.0-rc1", "6.16"), ("6.17.9-arch1", "6.16"), ("6.18.44-fc-v1272", "6.18"),
-    ("6.19.0", "7.0"), ("7.0.3", "7.0"), ("7.1.5", "7.1"), ("7.4.0-next", "7.1"), ("weird", None)])
-def test_profile_of_release(release, abi):
-    assert profile_of_release(release) == abi
-
-
 # -- the snapshot file -----------------------------------------------------------------
 def test_save_and_load_keep_every_byte_and_mode(tmp_path):
     tree = kho_tree(boot("7.1"))
@@ -385,7 +379,7 @@ def manifest(**kw):
     ([("manifest.json", manifest(source=[1])), ("kho", None)],
      "manifest.json: source must be dict"),
     ([("manifest.json", manifest(abi="9.9")), ("kho", None)],
-     "manifest.json: abi '9.9' is not a profile khofs knows (6.18, 6.16, 7.0, 7.1)"),
+     "manifest.json: abi '9.9' is not a profile khofs knows (6.18, 6.16, 7.0, 7.1, 7.2, 7.4)"),
 ])
 def test_bad_snapshots(tmp_path, members, msg):
     path = str(tmp_path / "bad")
@@ -628,7 +622,7 @@ def test_rebuilt_root_fdt_is_the_kernels(abi, names, times):
     from khofs.kernel.producers.user import UserSubtree
     old = boot(abi, "kho=on reserve_mem=4M:4096:oops khofs.test_kho=1")
     for n in names:
-        UserSubtree(old.kho_out, n, _dtb(f"{n}-v1")).register(old.kho_out)
+        UserSubtree(old.kho_out, n, _dtb(f"{n}-v1")).init_subtree(old.kho_out)
     if abi == "7.0":
         old.kho_out.set_finalize(1)
     tree = kho_tree(old)
@@ -696,8 +690,8 @@ def test_a_70_copy_whose_out_fdt_outlived_a_removed_subtree_is_taken_for_70():
     from khofs.kernel.producers.user import UserSubtree
     m = Machine("kho=on", MachineConfig(memory=G, abi="7.0"))
     sub = UserSubtree(m.kho_out, "a", _dtb("a-v1"))
-    sub.register(m.kho_out)
-    sub.unregister(m.kho_out)
+    sub.init_subtree(m.kho_out)
+    sub.remove_subtree(m.kho_out)
     m.kho_out.set_finalize(1)
     tree = kho_tree(m)
     tree.meta = {}
@@ -710,7 +704,7 @@ def test_map_of_a_short_70_copy_keeps_memblocks_regions_and_says_why_not():
     from khofs.kernel.producers.user import UserSubtree
     old = boot("7.0", "kho=on reserve_mem=4M:4096:oops")
     for n in ("alpha", "beta"):
-        UserSubtree(old.kho_out, n, _dtb(f"{n}-v1")).register(old.kho_out)
+        UserSubtree(old.kho_out, n, _dtb(f"{n}-v1")).init_subtree(old.kho_out)
     old.kho_out.set_finalize(1)
     tree = kho_tree(old)
     del tree.extra[ROOT_FDT]

@@ -98,7 +98,7 @@ class MemblockProducer(Producer):
         err = 0
         for r in self.table:
             try:
-                if kho.profile.name == "6.16":
+                if kho.profile.preserve_phys:
                     kho.preserve_pages(r.start, r.size)             # kho_preserve_phys
                 else:
                     # kho_preserve_pages(phys_to_page(start), size >> PAGE_SHIFT)

@@ -60,10 +60,10 @@ class TestKho(Producer):
         for phys, order in self.folios:
             csum = _fold_add(csum, csum_partial(kho.mem.read(phys, PAGE_SIZE << order)))
         info = b"".join(struct.pack("<Q", phys | order) for phys, order in self.folios)
-        if kho.profile.name == "6.16":
-            folios_info = info
-        else:
+        if kho.profile.vmalloc_folios_info:
             folios_info = preserve_vmalloc(kho, info)
+        else:
+            folios_info = info
         for phys, order in self.folios:
             kho.preserve_folio(phys, order)
         fdt_size = len(self.folios) * 8 + PAGE_SIZE

@@ -33,7 +33,7 @@ class UserSubtree(Producer):
         self.order = max(0, (len(blob) - 1).bit_length() - PAGE_SHIFT)
         self.phys = kho.pages.alloc_pages(self.order)
 
-    def register(self, kho: KhoOut) -> None:
+    def init_subtree(self, kho: KhoOut) -> None:
         """6.19+: a producer adds its subtree when it registers, not at finalize."""
         kho.mem.write(self.phys, self.blob)
         if self.preserve:
@@ -45,7 +45,7 @@ class UserSubtree(Producer):
                 kho.unpreserve_folio(self.phys, self.order)
             raise
 
-    def unregister(self, kho: KhoOut) -> None:
+    def remove_subtree(self, kho: KhoOut) -> None:
         """Remove the subtree and give back its preservation."""
         kho.remove_subtree(self.phys)
         if self.preserve:
