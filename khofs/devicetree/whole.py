@@ -10,8 +10,7 @@ from ..kernel.rootfdt import rebuild
 def guess_abi(blob: bytes) -> str:
     """The profile a short out/fdt with no kernel at hand comes from, as khofs record
     guesses a copy's (by its compatible, among the releases that size out/fdt once)."""
-    prof = profile_for_fdt(blob, cut_short=True)
-    return prof.name if prof is not None else "7.0"
+    return profile_for_fdt(blob, cut_short=True).name
 
 
 def complete_root_fdt(blob: bytes, subs: dict, abi: str | None, root_phys=None, mem=None,

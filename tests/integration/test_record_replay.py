@@ -330,9 +330,9 @@ def test_the_running_systems_tree(mount_khofs, tmp_path):
     stands in for a KHO kernel's debugfs (a khofs mount itself is recorded as its daemon's
     kernel: test_record_namespace.py)."""
     import shutil
-    from khofs.kernel.profile import get_profile
-    from khofs.kernel.replay import profile_of_release
-    abi = profile_of_release(os.uname().release) or "6.18"
+    from khofs.kernel.profile import DEFAULT_PROFILE, NO_KHO, get_profile, release_profile_name
+    abi = release_profile_name(os.uname().release)
+    abi = DEFAULT_PROFILE if abi in (None, NO_KHO) else abi
     m = mount_khofs("--memory", "1G", "--abi", abi, "--release", os.uname().release,
                     cmdline="kho=on reserve_mem=4M:4096:oops")
     if get_profile(abi).has_finalize:
