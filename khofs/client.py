@@ -144,6 +144,16 @@ class Client:
         """Load and exec the next kernel; the new boot's log and notes."""
         return self.call("kexec", **_given(cmdline=cmdline, release=release, abi=abi))
 
+    def reboot(self, defaults: bool = False, **args: str | int) -> dict:
+        """Cold-boot the mount's machine in place: cmdline, abi, release, memory, nodes and
+        boot_reserved as given (sizes as ints or as "1G"), the others the mount's, or with
+        defaults=True khofs mount's defaults; the new boot's release, ABI, command line, log,
+        warnings and what of the command line had no effect."""
+        fields = {k: v for k, v in args.items() if v is not None}
+        if defaults:
+            fields["defaults"] = True
+        return self.call("reboot", **fields)
+
     def fail(self, op: str, err: str | int) -> None:
         """Make the next op (finalize or abort) fail with err (a name or number)."""
         self.call("fail", op=op, errno=err)

@@ -3,7 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(libfuse3-dev fuse3 pkg-config device-tree-compiler busybox python3-venv python3-dev gcc)
+# khofs run: kexec-tools and strace are test clients, python3-seccomp builds the filter,
+# libc6-dev lets the tests build static C clients.
+pkgs=(libfuse3-dev fuse3 pkg-config device-tree-compiler busybox python3-venv python3-dev gcc
+      kexec-tools strace python3-seccomp libc6-dev util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,6 +16,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "setup: installing ${missing[*]}" >&2
     $sudo apt-get update -qq
+    # kexec-tools must never load a kernel into the host at boot.
+    echo "kexec-tools kexec-tools/load_kexec boolean false" | $sudo debconf-set-selections
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
@@ -28,6 +33,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         exit 1
     fi
     touch "$stamp"
+fi
+# libseccomp's own binding (Debian's python3-seccomp): the PyPI wrappers lack get_notify_fd
+# (pyseccomp) or a wheel for this Python (seccomp).
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+for so in /usr/lib/python3/dist-packages/seccomp.cpython-*.so; do
+    [ -e "$so" ] && ln -sf "$so" "$site/"
+done
+if [ -f /etc/default/kexec ] && grep -q '^LOAD_KEXEC=true' /etc/default/kexec; then
+    echo "setup: warning: /etc/default/kexec has LOAD_KEXEC=true; khofs never needs it" >&2
 fi
 # Every mount starts a daemon that imports khofs: with PYTHONDONTWRITEBYTECODE set, an
 # editable install would compile it from source each time (~80 ms of every mount).

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from . import ctl, instances, kexec, memmap, mount, record, show
+from . import ctl, image, instances, kexec, memmap, mount, record, run, show
 from .common import EXIT_OK, EXIT_USAGE
 from .mount8 import helper_argv, split_mount_options  # noqa: F401  (public: tests, mount(8))
 
@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Each command has its own --help. Exit status: 0 success, 1 failure (the reason is on\n"
         "stderr), 2 usage error. Also run by mount(8) as: khofs SOURCE MOUNTPOINT -o OPTIONS")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (mount.add_mount, instances.add_umount, instances.add_list, kexec.add_kexec,
-                show.add_dump, show.add_diff, memmap.add_map, record.add_record,
-                instances.add_status, ctl.add_ctl):
+    for add in (mount.add_mount, instances.add_umount, instances.add_list, mount.add_reboot,
+                kexec.add_kexec, show.add_dump, show.add_diff, memmap.add_map, record.add_record,
+                instances.add_status, ctl.add_ctl, run.add_run, image.add_image):
         add(sub)
     p.commands = frozenset(sub.choices)      # what mount(8)'s SOURCE never is
     _own_usage(p)

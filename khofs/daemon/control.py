@@ -15,52 +15,20 @@ import traceback
 
 import trio
 
+from .fields import (BadRequest, abi_field, bytes_field, errno_field, int_field, release_field,
+                     size_field, str_field)
 from .host import Host
 from ..kernel.errors import KernelError
 from ..kernel.physmem import PAGE_SHIFT, PAGE_SIZE
-from ..kernel.profile import PROFILES
 from ..kernel.producers.user import FailNext, UserSubtree, valid_node_name
 
 MAX_LINE = 256 << 20
 
 
-class BadRequest(KernelError):
-    """A request refused before it touches the kernel (EINVAL unless told)."""
-    def __init__(self, message, err=errno.EINVAL):
-        super().__init__(err, message)
-
-
-def _int(req, key, lo=0, hi=(1 << 64) - 1):
-    v = req.get(key)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise BadRequest(f"'{key}' must be an integer")
-    if not lo <= v <= hi:
-        raise BadRequest(f"'{key}' = {v} is out of range [{lo}, {hi}]", errno.ERANGE)
-    return v
-
-
-def _str(req, key, optional=False):
-    v = req.get(key)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str):
-        raise BadRequest(f"'{key}' must be a string")
-    return v
-
-
-def _bytes(req, key):
-    try:
-        return base64.b64decode(_str(req, key), validate=True)
-    except ValueError:          # binascii.Error, or characters outside ASCII
-        raise BadRequest(f"'{key}' must be base64") from None
-
-
-def _errno_value(v):
-    if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 4096:
-        return v
-    if isinstance(v, str) and isinstance(getattr(errno, v.upper(), None), int):
-        return getattr(errno, v.upper())
-    raise BadRequest(f"'errno' must be an errno name or number, not {v!r}")
+# What a reboot keeps: the mount's FUSE options and where its state lives (request field ->
+# the `khofs mount` option).
+REBOOT_FIXED = {"stat_size": "--stat-size", "cache": "--cache", "options": "-o",
+                "state": "--state", "replay": "--replay"}
 
 
 # command -> (handler, required fields, optional fields)
@@ -81,9 +49,9 @@ class Control:
         self.host = host
         self.user_allocs: dict[int, int] = {}        # phys -> pages, of the current boot
         self.subtrees: dict[str, UserSubtree] = {}
-        host.on_new_tree.append(self._new_boot)
+        host.on_boot.append(self._new_boot)
 
-    def _new_boot(self, tree):
+    def _new_boot(self, machine):
         self.user_allocs.clear()
         self.subtrees.clear()
 
@@ -114,6 +82,8 @@ class Control:
             cmd = req.get("cmd")
             if not isinstance(cmd, str):
                 raise BadRequest("'cmd' must be a string")
+            if cmd not in COMMANDS and cmd.startswith("sys_"):
+                from . import syscalls  # noqa: F401  (registers the requests of khofs run)
             if cmd not in COMMANDS:
                 raise BadRequest(f"unknown command {cmd!r} (known: {', '.join(sorted(COMMANDS))})",
                                  errno.EOPNOTSUPP)
@@ -162,7 +132,7 @@ class Control:
     @command("mem_alloc", ["size"])
     def mem_alloc(self, req):
         """Request mem_alloc: whole pages of simulated memory for the caller."""
-        size = _int(req, "size", 1, self.m.mem.size)
+        size = int_field(req, "size", 1, self.m.mem.size)
         pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
         phys = self.m.pages.alloc_range(pages)
         self.user_allocs[phys] = pages
@@ -171,7 +141,7 @@ class Control:
     @command("mem_free", ["phys"])
     def mem_free(self, req):
         """Request mem_free: give back an allocation made with mem_alloc."""
-        phys = _int(req, "phys")
+        phys = int_field(req, "phys")
         if phys not in self.user_allocs:
             raise BadRequest(f"0x{phys:x} is not an allocation made with mem_alloc", errno.ENOENT)
         self.m.pages.free_range(phys, self.user_allocs.pop(phys))
@@ -179,43 +149,43 @@ class Control:
     @command("mem_write", ["phys", "data"])
     def mem_write(self, req):
         """Request mem_write: bytes written into simulated memory."""
-        phys, data = _int(req, "phys"), _bytes(req, "data")
+        phys, data = int_field(req, "phys"), bytes_field(req, "data")
         self.m.mem.write(phys, data)
         return {"written": len(data)}
 
     @command("mem_read", ["phys", "size"])
     def mem_read(self, req):
         """Request mem_read: bytes of simulated memory, base64."""
-        phys, size = _int(req, "phys"), _int(req, "size", 0, 1 << 30)
+        phys, size = int_field(req, "phys"), int_field(req, "size", 0, 1 << 30)
         return {"data": base64.b64encode(self.m.mem.read(phys, size)).decode()}
 
     @command("preserve", ["phys", "size"])
     def preserve(self, req):
         """Request preserve: kho_preserve_pages of a page range."""
-        self._kho().preserve_pages(_int(req, "phys"), _int(req, "size", 0))
+        self._kho().preserve_pages(int_field(req, "phys"), int_field(req, "size", 0))
 
     @command("preserve_folio", ["phys", "order"], ["count"])
     def preserve_folio(self, req):
         """Request preserve_folio: kho_preserve_folio of one or more folios."""
-        phys, order = _int(req, "phys"), _int(req, "order", 0, 51)
-        count = _int(req, "count", 1) if "count" in req else 1
+        phys, order = int_field(req, "phys"), int_field(req, "order", 0, 51)
+        count = int_field(req, "count", 1) if "count" in req else 1
         self._kho().preserve_folios(phys, count, order)
 
     @command("unpreserve", ["phys", "size"])
     def unpreserve(self, req):
         """Request unpreserve: kho_unpreserve_pages of a page range."""
-        self._kho().unpreserve_pages(_int(req, "phys"), _int(req, "size", 0))
+        self._kho().unpreserve_pages(int_field(req, "phys"), int_field(req, "size", 0))
 
     @command("unpreserve_folio", ["phys", "order"])
     def unpreserve_folio(self, req):
         """Request unpreserve_folio: kho_unpreserve_folio."""
-        self._kho().unpreserve_folio(_int(req, "phys"), _int(req, "order", 0, 51))
+        self._kho().unpreserve_folio(int_field(req, "phys"), int_field(req, "order", 0, 51))
 
     @command("subtree_add", ["name", "blob"], ["preserve"])
     def subtree_add(self, req):
         """Request subtree_add: a producer registers its blob under a name."""
         kho = self._kho()
-        name, blob = _str(req, "name"), _bytes(req, "blob")
+        name, blob = str_field(req, "name"), bytes_field(req, "blob")
         preserve = req.get("preserve", True)
         if not isinstance(preserve, bool):
             raise BadRequest("'preserve' must be true or false")
@@ -238,7 +208,7 @@ class Control:
     @command("subtree_remove", ["name"])
     def subtree_remove(self, req):
         """Request subtree_remove: the producer unregisters."""
-        name = _str(req, "name")
+        name = str_field(req, "name")
         producer = self.subtrees.get(name)
         if producer is None:
             raise BadRequest(f"no subtree named {name!r} was added", errno.ENOENT)
@@ -255,24 +225,24 @@ class Control:
     @command("fail", ["op", "errno"])
     def fail(self, req):
         """Request fail: the next finalize or abort fails with an errno."""
-        op = _str(req, "op")
+        op = str_field(req, "op")
         if op not in ("finalize", "abort"):
             raise BadRequest(f"can inject failures into finalize or abort, not {op!r}")
         prof = self._kho().profile
         if not (prof.can_abort if op == "abort" else prof.has_finalize):
             raise BadRequest(f"ABI {prof.name} has no {op}", errno.EOPNOTSUPP)
-        self._kho().register_notifier(FailNext(op, _errno_value(req["errno"])), first=True)
+        self._kho().register_notifier(FailNext(op, errno_field(req["errno"])), first=True)
 
     @command("test_kho", [], ["seed"])
     def test_kho(self, req):
         """Request test_kho: load the KHO test module now."""
-        seed = _int(req, "seed") if "seed" in req else None
+        seed = int_field(req, "seed") if "seed" in req else None
         self.m.start_test_kho(seed)
 
     @command("kexec_load", [], ["cmdline", "release", "abi"])
     def kexec_load(self, req):
         """Request kexec_load: kexec -s -l of the next kernel."""
-        return self.host.kexec_load(_str(req, "cmdline", True), _release(req), _abi(req))
+        return self.host.kexec_load(str_field(req, "cmdline", True), release_field(req), abi_field(req))
 
     @command("kexec_exec")
     def kexec_exec(self, req):
@@ -282,22 +252,35 @@ class Control:
     @command("kexec", [], ["cmdline", "release", "abi"])
     def kexec(self, req):
         """Request kexec: load and exec in one step."""
-        self.host.kexec_load(_str(req, "cmdline", True), _release(req), _abi(req))
+        self.host.kexec_load(str_field(req, "cmdline", True), release_field(req), abi_field(req))
         return self.host.kexec_exec()
 
-
-def _abi(req):
-    a = _str(req, "abi", True)
-    if a is not None and a not in PROFILES:
-        raise BadRequest(f"unknown ABI profile {a!r} (known: {', '.join(PROFILES)})")
-    return a
-
-
-def _release(req):
-    r = _str(req, "release", True)
-    if r is not None and not (0 < len(r) <= 64 and r.isprintable()):
-        raise BadRequest("'release' must be 1 to 64 printable characters (uname -r)")
-    return r
+    @command("reboot", [], ["cmdline", "abi", "release", "memory", "nodes", "boot_reserved",
+                            "defaults", *REBOOT_FIXED])
+    def reboot(self, req):
+        """Request reboot: a cold boot in place, with the mount's arguments (or with
+        `defaults`, khofs mount's) but those given."""
+        fixed = [REBOOT_FIXED[k] for k in REBOOT_FIXED if k in req]
+        if fixed:
+            raise BadRequest(f"{', '.join(fixed)} cannot change in a reboot "
+                             "(mount anew for that)")
+        defaults = req.get("defaults", False)
+        if not isinstance(defaults, bool):
+            raise BadRequest("'defaults' must be true or false")
+        changes = {}
+        if "cmdline" in req:
+            changes["cmdline"] = str_field(req, "cmdline")
+        if "abi" in req:
+            changes["abi"] = abi_field(req)
+        if "release" in req:
+            changes["release"] = release_field(req)
+        if "memory" in req:
+            changes["memory"] = size_field(req, "memory", PAGE_SIZE)
+        if "nodes" in req:
+            changes["nodes"] = int_field(req, "nodes", 1)
+        if "boot_reserved" in req:
+            changes["boot_reserved"] = size_field(req, "boot_reserved", 1)
+        return self.host.reboot(defaults, **changes)
 
 
 async def serve(path: str, execute, task_status=trio.TASK_STATUS_IGNORED):

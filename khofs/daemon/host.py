@@ -1,48 +1,46 @@
-"""The running system behind one mount: the current boot, its debugfs tree, kexec, state dir."""
+"""The running system behind one mount: the current boot, kexec, reboot, the state dir."""
 
 import errno
 import os
 import struct
 
-from ..fs.debugfs import Tree
+from ..kernel.boot import BootArgs
 from ..kernel.errors import KernelError
 from ..kernel.handover import Handover
-from ..kernel.machine import Machine, MachineConfig
+from ..kernel.machine import Machine
 from ..kernel.replay import replay_lines
 
 HANDOVER_FILE = "handover"
 
 
 class Host:
-    """The running system behind one mount: its machine, debugfs tree and state dir."""
-    def __init__(self, machine: Machine, state_dir: str | None = None, log=None):
+    """The running system behind one mount: its machine and state dir. Each boot (a kexec,
+    a reboot) replaces the machine and then runs the `on_boot` callbacks with it."""
+    def __init__(self, machine: Machine, args: BootArgs | None = None,
+                 state_dir: str | None = None, log=None):
         self.machine = machine
-        self.tree = Tree(machine)
+        self.args = args or BootArgs(machine.cmdline, machine.profile.name, machine.release,
+                                     machine.config.memory, machine.config.nodes,
+                                     machine.config.boot_reserved)
         self.state_dir = state_dir
         self.log = log or (lambda text: None)
-        self.on_new_tree = []        # callbacks(tree) run after a kexec
-        # (parent inode, name) of the old boot's entries the kernel may still have cached.
-        self.stale_entries: list[tuple[int, str]] = []
+        self.on_boot = []            # callbacks(machine) run after every boot but the first
+        self.boots = 1               # boots of this host so far
         self.boot_log()
 
     @classmethod
-    def boot(cls, cmdline: str, config: MachineConfig, state_dir: str | None = None, log=None,
-             handover: Handover | None = None):
-        """Cold boot, boot from the handover saved in the state dir, or from handover (a
-        replayed snapshot's)."""
+    def boot(cls, args: BootArgs, state_dir: str | None = None, log=None):
+        """Cold boot from args, or boot from the handover saved in the state dir."""
+        machine = None
         if state_dir:
             prepare_state_dir(state_dir)
             saved = load_handover(state_dir)
-            if saved is not None and handover is not None:
+            if saved is not None and args.handover is not None:
                 raise ValueError(f"{state_dir} holds the handover of an earlier kexec: replay "
                                  "into an empty --state dir")
-            handover = handover or saved
-        if handover is not None:
-            machine = Machine(handover.cmdline, MachineConfig(**handover.config), handover,
-                              release=handover.release)
-        else:
-            machine = Machine(cmdline, config)
-        return cls(machine, state_dir, log)
+            if saved is not None:
+                machine = BootArgs(handover=saved).boot()
+        return cls(machine or args.boot(), args, state_dir, log)
 
     def boot_log(self) -> None:
         """Copy this boot's kernel log and kexec notes to the daemon's log."""
@@ -52,6 +50,13 @@ class Host:
             self.log(f"khofs: kexec: {note}")
         for line in replay_lines(self.machine.replay):
             self.log(f"khofs: replay: {line}")
+
+    def _booted(self, machine: Machine) -> None:
+        self.machine = machine
+        self.boots += 1
+        for cb in self.on_boot:
+            cb(machine)
+        self.boot_log()
 
     def boot_report(self) -> dict:
         """What a user starting this boot is told: the replay's lines, the kernel's warnings,
@@ -71,19 +76,37 @@ class Host:
         ho = self.machine.kexec_exec()
         if self.state_dir:
             save_handover(self.state_dir, ho)
-        machine = Machine(ho.cmdline, MachineConfig(**ho.config), ho, release=ho.release)
-        self.machine = machine
-        for node in self.tree.nodes.values():
-            node.gone = True          # nothing of the old kernel's debugfs survives
-            if node is not self.tree.root:
-                self.stale_entries.append((node.parent.ino, node.name))
-        self.tree = Tree(machine, last_ino=self.tree._ino)
-        for cb in self.on_new_tree:
-            cb(self.tree)
-        self.boot_log()
+        machine = BootArgs(handover=ho).boot()
+        self._booted(machine)
         return {"kexec_count": machine.kexec_count, "release": machine.release,
                 "kho_in": machine.kho_in is not None, "notes": ho.notes,
                 "log": [line.text for line in machine.dmesg]}
+
+    def reboot(self, defaults: bool = False, **changes) -> dict:
+        """A cold boot in place: the machine a fresh mount with these arguments boots (the
+        mount's, or with `defaults` khofs mount's defaults, with `changes`). Nothing of the
+        old boot survives, not even in the state dir. Refused (KernelError, nothing changed)
+        if the new kernel cannot boot."""
+        unknown = set(changes) - set(BootArgs.FIELDS)
+        if unknown:
+            raise KernelError(errno.EINVAL, f"a reboot cannot change {', '.join(sorted(unknown))}")
+        if self.args.handover is not None and (changes or defaults):
+            raise KernelError(errno.EINVAL, "a --replay mount reboots into the recorded "
+                              "kernel's successor as it was mounted; mount anew to change its "
+                              "boot")
+        args = (BootArgs() if defaults else self.args).replace(**changes)
+        try:
+            machine = args.boot()
+        except ValueError as e:
+            raise KernelError(errno.EINVAL, str(e)) from None
+        if self.state_dir:
+            drop_handover(self.state_dir)
+        self.args = args
+        self._booted(machine)
+        return {"release": machine.release, "abi": machine.profile.name,
+                "cmdline": machine.cmdline, "log": [line.text for line in machine.dmesg],
+                "warnings": [line.text for line in machine.warnings()],
+                "ignored": list(machine.ignored)}
 
 
 def prepare_state_dir(path: str) -> None:
@@ -107,6 +130,17 @@ def load_handover(state_dir: str):
         return Handover.loads(data)
     except (ValueError, KeyError, TypeError, struct.error) as e:
         raise ValueError(f"{path} is not a usable handover: {e}") from None
+
+
+def drop_handover(state_dir: str) -> None:
+    """Forget the handover of the last kexec: the next mount of state_dir cold boots."""
+    try:
+        os.unlink(os.path.join(state_dir, HANDOVER_FILE))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise KernelError(e.errno or errno.EIO, f"cannot remove the handover in {state_dir}: "
+                          f"{e.strerror}; no reboot happened") from None
 
 
 def save_handover(state_dir: str, ho: Handover) -> None:

@@ -1,10 +1,12 @@
 """The khofs daemon: the emulated kernel behind a FUSE mount, until unmounted or signalled."""
 
 import errno
+import gc
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import traceback
 
@@ -13,7 +15,7 @@ import trio
 
 from .. import runtime
 from . import control
-from ..fs.debugfs import ROOT_INO
+from ..fs.debugfs import Tree
 from ..fs.fuse import KhoOperations
 from .host import Host
 
@@ -66,8 +68,8 @@ class Daemon:
                  fuse_options=(), debug_fuse: bool = False, cache: str = "direct"):
         self.mountpoint = mountpoint          # absolute and resolved by the caller
         self.host = host
-        self.ops = KhoOperations(host.tree, stat_size, cache=cache, debug=debug_fuse)
-        host.on_new_tree.append(self.ops.set_tree)
+        self.ops = KhoOperations(Tree(host.machine), stat_size, cache=cache, debug=debug_fuse)
+        host.on_boot.append(self.ops.new_boot)
         self.control = control.Control(host)
         self.sock_path = runtime.paths(mountpoint)["sock"]
         # default_permissions: the kernel checks modes, as it does on debugfs.
@@ -87,16 +89,20 @@ class Daemon:
 
     async def control_request(self, line: bytes) -> dict:
         """Run one control request; before its reply, the kernel forgets what it removed
-        (an abort's files, an old boot's entries after a kexec)."""
+        (an abort's files, everything of an old boot after a kexec or a reboot)."""
         if self.stopping:
             return {"ok": False, "errno": errno.ESHUTDOWN, "error": "ESHUTDOWN",
                     "message": "the daemon is unmounting"}
+        boots = self.host.boots
         reply = self.control.handle_line(line)
-        stale, self.host.stale_entries = self.host.stale_entries, []
         try:
-            await self.ops.settle(stale, ROOT_INO if stale else None)
+            await self.ops.settle()
         except Exception:
             log(f"khofs: internal error after a control request:\n{traceback.format_exc()}")
+        if self.host.boots != boots:
+            # A dead boot's machine and tree hold reference cycles: free them now rather than
+            # let them pile up until the collector runs by itself.
+            gc.collect()
         return reply
 
     async def _signals(self, task_status=trio.TASK_STATUS_IGNORED):
@@ -118,9 +124,11 @@ class Daemon:
             signal.set_wakeup_fd(-1)
 
     async def _ready(self, on_ready):
-        # The mount answers once the kernel's GETATTR of its root comes back; a shutdown
-        # before then abandons the stat (the unmount ends it).
-        await trio.to_thread.run_sync(os.stat, self.mountpoint, abandon_on_cancel=True)
+        # The mount answers once the kernel's GETATTR of its root comes back. The stat runs in
+        # a child process: a thread of ours blocked in a request to ourselves kept a daemon
+        # SIGKILLed during start-up from ever exiting; a child's stat ends with the connection.
+        await trio.run_process(["stat", "--", self.mountpoint], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL)
         self.ready = True
         if on_ready:
             on_ready()

@@ -17,7 +17,8 @@ import traceback
 import pyfuse3
 import trio
 
-from .debugfs import Dir, File, Node, Tree
+from .boots import OldBoots
+from .debugfs import ROOT_INO, Dir, File, Node, Tree
 from ..kernel.errors import KernelError
 
 TTL = 60.0
@@ -137,10 +138,27 @@ class KhoOperations(pyfuse3.Operations):
         # O_APPEND handle -> its file position. debugfs files write at the position (their
         # ->write has no append mode), where FUSE sends an append at the stat size.
         self._append_pos: dict[int, int] = {}
+        self.old_boots = OldBoots()
+        self._retired: list[tuple] = []       # old boots' entries not yet invalidated
+        self._retired_data: set[int] = set()  # old boots' files whose pages the kernel may hold
 
-    def set_tree(self, tree: Tree) -> None:
-        """Serve another boot's tree (after a kexec)."""
-        self.tree = tree
+    def new_boot(self, machine) -> None:
+        """Serve the tree of a new boot (after a kexec or a reboot). The old boot's entries,
+        attributes and pages are invalidated at the next settle()."""
+        old = self.tree
+        self._retired += self.old_boots.retire(old)
+        self._retired_data |= self._cached
+        self.tree = Tree(machine, last_ino=old._ino)
+
+    def _node(self, ino: int) -> Node:
+        # Removed nodes included: an open file outlives its removal, also by a new boot.
+        try:
+            return self.tree.get(ino, removed_ok=True)
+        except KernelError:
+            node = self.old_boots.get(ino)
+            if node is None:
+                raise
+            return node
 
     def _fh(self) -> int:
         self._next_fh += 1
@@ -156,7 +174,7 @@ class KhoOperations(pyfuse3.Operations):
         a.st_blocks = 0
         a.entry_timeout = a.attr_timeout = TTL
         if isinstance(node, Dir):
-            a.st_nlink, a.st_size = node.nlink(), 0
+            a.st_nlink, a.st_size = (0 if node.gone else node.nlink()), 0
         else:
             a.st_nlink = 0 if node.gone else 1
             a.st_size = node.content_size() if self.stat_size == "content" else 0
@@ -164,14 +182,16 @@ class KhoOperations(pyfuse3.Operations):
         return a
 
     # -- state changes ------------------------------------------------------------------
-    async def settle(self, stale=(), root=None) -> None:
+    async def settle(self) -> None:
         """After a state change, before its request is answered: make the kernel forget
-        removed files and `stale` (parent, name) entries of an old boot, the attributes of
-        `root` and of files whose size changed, and, with the page cache, what it cached."""
+        removed files, everything of an old boot (and the root's attributes, whose
+        children changed), the attributes of files whose size changed, and, with the page
+        cache, what it cached."""
         tree = self.tree
         tree.sync()
-        entries = [(p, n, None) for p, n in stale] + tree.take_removed()
-        inodes = [root] if root is not None else []
+        entries = self._retired + tree.take_removed()
+        inodes = [ROOT_INO] if self._retired else []
+        retired_data, self._retired, self._retired_data = self._retired_data, [], set()
         for ino, size in list(self._sizes.items()):
             node = tree.nodes.get(ino)
             if node is None:
@@ -179,7 +199,7 @@ class KhoOperations(pyfuse3.Operations):
             elif not node.gone and node.content_size() != size:
                 inodes.append(ino)
         # Files opened later drop their pages at open; ones open now are told here.
-        data = [ino for ino in self._cached if self._readers.get(ino)]
+        data = [ino for ino in self._cached if self._readers.get(ino)] + sorted(retired_data)
         self._cached.clear()
         if entries or inodes or data:
             await trio.to_thread.run_sync(invalidate, entries, inodes, data)
@@ -204,12 +224,12 @@ class KhoOperations(pyfuse3.Operations):
     @request("GETATTR")
     def getattr(self, inode, ctx=None):
         """FUSE GETATTR: a node's attributes, removed nodes included."""
-        return self._attrs(self.tree.get(inode, removed_ok=True))
+        return self._attrs(self._node(inode))
 
     @request("SETATTR")
     def setattr(self, inode, attr, fields, fh, ctx):
         """FUSE SETATTR as simple_setattr: mode, owner, times change; a size change does nothing."""
-        node = self.tree.get(inode, removed_ok=True)
+        node = self._node(inode)
         # notify_change() stamps ctime on every attribute change; simple_setattr copies it.
         node.ctime = time.time_ns()
         if fields.update_mode:
@@ -230,6 +250,9 @@ class KhoOperations(pyfuse3.Operations):
     def forget(self, inode_list):
         """FUSE FORGET: the kernel drops its references to inodes."""
         for ino, nlookup in inode_list:
+            if self.old_boots.forget(ino, nlookup):
+                self._sizes.pop(ino, None)
+                continue
             self.tree.forget(ino, nlookup)
             if ino not in self.tree.nodes:
                 self._sizes.pop(ino, None)
@@ -246,7 +269,7 @@ class KhoOperations(pyfuse3.Operations):
     @request("LISTXATTR")
     def listxattr(self, inode, ctx):
         """FUSE LISTXATTR: debugfs inodes have no extended attributes."""
-        self.tree.get(inode, removed_ok=True)
+        self._node(inode)
         return []           # debugfs inodes carry no extended attributes
 
     # -- files --------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class Machine:
         # khofs mount --replay: the snapshot this boot's handover came from, what it lacked.
         self.replay = handover.replay if handover else None
         self.image: KexecImage | None = None
+        self.crash_image: KexecImage | None = None     # kexec -p: never booted by a kexec reboot
         self.mem = PhysMem(config.memory, config.nodes)
         self.memblock = Memblock(self.mem)
         self.memblock.reserve(0, SZ_1M)                  # firmware's low 1 MiB
@@ -344,6 +345,8 @@ class Machine:
             "preserved_bytes": out.track.preserved_bytes() if out else 0,
             "incoming_preserved_bytes": self.preserved.total(),
             "image_loaded": self.image is not None,
+            "kexec_loaded": self.image is not None,
+            "kexec_crash_loaded": self.crash_image is not None,
             # the kernel hands over blobs of any format (kho-v3's blob-size), not only FDTs
             "any_blob": bool(self.profile and self.profile.blob_size),
             "kexec_notes": self.kexec_notes,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 NO_KHO = "none"          # a kernel before v6.16: no KHO, no kho/ in debugfs
 NO_KHO_RELEASE = "6.15.0-khofs"
+NO_KHO_KEXEC_FILE_FLAGS = 0xF    # KEXEC_FILE_FLAGS of a kernel before KHO (v6.7 to v6.15)
 FIRST_KHO = (6, 16)
 
 
@@ -39,6 +40,9 @@ class Profile:
     revival_errno: bool = True   # "KHO: disabling KHO revival: ERR" (7.1: no number)
     map_error_line: str = "KHO: failed to get preserved memory bitmaps"
     bad_sub_prop_line: str = "KHO: node `{name}`'s prop `fdt` has invalid length: {len}"
+    # KEXEC_FILE_FLAGS (inferred, docs/run.md): UNLOAD|ON_CRASH|NO_INITRAMFS|DEBUG, NO_CMA
+    # from 6.17, FORCE_DTB from 6.19
+    kexec_file_flags: int = 0x1F
 
     @property
     def release(self) -> str:
@@ -57,12 +61,12 @@ class Profile:
 
 
 _P616 = Profile("6.16", (6, 16), 512 * 8, False, False, False, preserve_phys=True,
-                vmalloc_folios_info=False)
+                vmalloc_folios_info=False, kexec_file_flags=0xF)
 _P618 = Profile("6.18", (6, 18), 4096 * 8, True, True, True)
-_P70 = Profile("7.0", (6, 19), 4096 * 8, True, False, True, fdt_at_boot=True,
+_P70 = Profile("7.0", (6, 19), 4096 * 8, True, False, True, fdt_at_boot=True, kexec_file_flags=0x3F,
                found_line="KHO: found kexec handover data.",
                bad_sub_prop_line="KHO: node {name} prop {prop} has invalid length: {len}")
-_P71 = Profile("7.1", (7, 1), 4096 * 8, True, False, True, fdt_at_boot=True,
+_P71 = Profile("7.1", (7, 1), 4096 * 8, True, False, True, fdt_at_boot=True, kexec_file_flags=0x3F,
                has_finalize=False, compatible="kho-v3", sub_prop="preserved-data",
                blob_size=True, radix=True, kexec_metadata=True,
                found_line=_P70.found_line, revival_errno=False,

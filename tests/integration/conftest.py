@@ -17,17 +17,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fuse)
 
 
+def _pool(request):
+    # @pytest.mark.khofs(fresh=True): every mount of the test is its own.
+    marker = request.node.get_closest_marker("khofs")
+    if marker and marker.kwargs.get("fresh"):
+        return None
+    return request.getfixturevalue("khofs_pool")
+
+
 @pytest.fixture
-def mount_khofs(tmp_path):
-    """mount_khofs(*extra_args, cmdline="kho=on", name=None, check=True) -> Mount."""
-    with cleaned_up(Mounter(tmp_path)) as m:
+def mount_khofs(tmp_path, request):
+    """mount_khofs(*extra_args, cmdline="kho=on", name=None, check=True) -> Mount; the first
+    unnamed one may be the worker's reused mount, rebooted."""
+    with cleaned_up(Mounter(tmp_path, _pool(request))) as m:
         yield m
 
 
 @pytest.fixture
-def path_mounts(tmp_path):
-    """path_mounts(*args, name="mnt") -> realpath of a fresh khofs mount; always unmounted."""
-    with cleaned_up(PathMounts(tmp_path)) as m:
+def path_mounts(tmp_path, request):
+    """path_mounts(*args, name="mnt") -> realpath of a khofs mount booted from args; the
+    first unnamed one may be the worker's reused mount, rebooted; the others always
+    unmounted after the test."""
+    with cleaned_up(PathMounts(tmp_path, _pool(request))) as m:
         yield m
 
 

@@ -52,6 +52,18 @@ def read(path) -> bytes:
         return f.read()
 
 
+def assert_removed(fd: int) -> None:
+    """fd was opened on a file that is gone (an abort, a kexec, a reboot): reading it fails
+    with EIO and fstat shows nlink 0, as a descriptor of a removed debugfs file."""
+    try:
+        os.read(fd, 4096)
+    except OSError as e:
+        assert e.errno == errno.EIO, f"read of a removed file: {os.strerror(e.errno)}"
+    else:
+        raise AssertionError("a removed file read without EIO")
+    assert os.fstat(fd).st_nlink == 0
+
+
 def write_bytes(path, data: bytes, flags=os.O_WRONLY):
     """One write(2) of data on a fresh open; the return value or the errno of the write."""
     fd = os.open(path, flags)
@@ -64,6 +76,17 @@ def write_bytes(path, data: bytes, flags=os.O_WRONLY):
 
 
 # -- mounting ----------------------------------------------------------------------------
+def rebooted(pool, args, cmdline):
+    """(path, stderr) of the test process's reused mount, rebooted to boot what `khofs mount
+    --cmdline CMDLINE ARGS` would; None if those need a mount of their own."""
+    from khofs.pytest_plugin import boot_fields
+    fields = None if pool is None else boot_fields(cmdline, [str(a) for a in args])
+    if fields is None:
+        return None
+    m = pool.get(fields)
+    return str(m.root), m.mount_stderr
+
+
 class Mount:
     def __init__(self, path: str, result: subprocess.CompletedProcess):
         self.path = path
@@ -79,11 +102,21 @@ class Mount:
 
 
 class Mounter:
-    def __init__(self, base: Path):
+    """mounter(*extra, cmdline=, name=, check=) -> Mount. With a pool, a test's first unnamed
+    mount is the reused one, rebooted (see khofs.pytest_plugin); the others are its own."""
+    def __init__(self, base: Path, pool=None):
         self.base = base
         self.paths: list[str] = []
+        self.pool = pool
 
     def __call__(self, *extra, cmdline="kho=on", name=None, check=True) -> Mount:
+        if name is None and check:
+            pool, self.pool = self.pool, None
+            reused = rebooted(pool, extra, cmdline)
+            if reused is not None:
+                path, stderr = reused
+                return Mount(path, subprocess.CompletedProcess(
+                    ["mount", path, *extra], 0, "", stderr))
         d = self.base / (name or f"mnt{len(self.paths)}")
         d.mkdir(parents=True, exist_ok=True)
         path = os.path.realpath(d)
@@ -114,14 +147,20 @@ def khofs_bytes(*args, check=True, timeout=30, **kw):
 
 
 class PathMounts:
-    """mounts(*args, name="mnt") -> realpath of a fresh khofs mount under `base`;
-    cleanup() always leaves nothing mounted, and shows each daemon log (on failure)."""
+    """mounts(*args, name="mnt") -> realpath of a khofs mount under `base` (with a pool, a
+    test's first unnamed one is the reused mount, rebooted); cleanup() always leaves nothing
+    of its own mounted, and shows each daemon log (on failure)."""
 
-    def __init__(self, base):
-        self.base, self.mounted = base, []
+    def __init__(self, base, pool=None):
+        self.base, self.mounted, self.pool = base, [], pool
 
-    def __call__(self, *args, name="mnt", check=True):
-        d = self.base / name
+    def __call__(self, *args, name=None, check=True):
+        if name is None and check:
+            pool, self.pool = self.pool, None
+            reused = rebooted(pool, args, None)
+            if reused is not None:
+                return reused[0]
+        d = self.base / (name or "mnt")
         d.mkdir(exist_ok=True)
         mnt = os.path.realpath(d)
         if mnt not in self.mounted:

@@ -12,7 +12,7 @@ import libfdt
 import pytest
 
 from khofs import runtime
-from khoit import KHOFS, is_mounted, pid_alive, read, wait_until
+from khoit import KHOFS, assert_removed, is_mounted, pid_alive, read, wait_until
 from khoit import khofs_bytes as khofs
 
 pytestmark = pytest.mark.fuse
@@ -355,6 +355,21 @@ def test_injected_finalize_failure(path_mounts, tmp_path):
     finalize(mnt)
     assert os.path.exists(f"{mnt}/kho/out/fdt")
     assert sorted(os.listdir(f"{mnt}/kho/out/sub_fdts")) == ["memblock", "myprod"]
+
+
+def test_a_descriptor_opened_before_the_kexec_is_of_a_removed_file(path_mounts):
+    mnt = path_mounts("--cmdline", "kho=on reserve_mem=1M:4096:oops", "--memory", "1G")
+    finalize(mnt)
+    fds = [os.open(f"{mnt}/kho/out/{name}", os.O_RDONLY)
+           for name in ("fdt", "scratch_len", "finalize", "sub_fdts/memblock")]
+    try:
+        khofs("kexec", mnt)
+        for fd in fds:
+            assert_removed(fd)
+        assert read(f"{mnt}/kho/out/finalize") == b"0\n"
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 # -- state dir ---------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import trio
 from khofs.daemon import control
 from khofs.fs import fuse
 from khofs.daemon.serve import Daemon
-from khofs.fs.debugfs import ROOT_INO
+from khofs.fs.debugfs import ROOT_INO, Tree
 from khofs.fs.fuse import KhoOperations
 from khofs.daemon.host import Host
-from khofs.kernel.machine import MachineConfig
+from khofs.kernel.boot import BootArgs
 
 
 class Kernel:
@@ -44,7 +44,7 @@ def kernel(monkeypatch):
 
 
 def boot(cmdline="kho=on"):
-    return Host.boot(cmdline, MachineConfig(memory=1 << 30))
+    return Host.boot(BootArgs(cmdline, memory=1 << 30))
 
 
 def run(fn, *args):
@@ -89,7 +89,7 @@ def write(ops, inode, data):
 
 
 def test_lookup_answers_debugfs_attributes_and_counts_references():
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     fin = lookup_path(ops, "kho/out/finalize")
     a = run(ops.getattr, fin, None)
     assert stat.S_IMODE(a.st_mode) == 0o600 and stat.S_ISREG(a.st_mode)
@@ -108,19 +108,19 @@ def test_lookup_answers_debugfs_attributes_and_counts_references():
 
 
 def test_stat_size_zero_shows_files_empty():
-    ops = KhoOperations(boot().tree, stat_size="zero")
+    ops = KhoOperations(Tree(boot().machine), stat_size="zero")
     assert run(ops.getattr, lookup_path(ops, "kho/out/scratch_len"), None).st_size == 0
 
 
 @pytest.mark.parametrize("name, err", [(b"x" * 256, errno.ENAMETOOLONG), (b"nope", errno.ENOENT),
                                        (b"x" * 255, errno.ENOENT)])
 def test_lookup_errors(name, err):
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     assert errno_of(ops.lookup, ino(ops, "kho/out"), name, None) == err
 
 
 def test_lookup_under_a_file_is_enotdir():
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     assert errno_of(ops.lookup, ino(ops, "kho/out/finalize"), b"x", None) == errno.ENOTDIR
 
 
@@ -140,22 +140,22 @@ def test_lookup_under_a_file_is_enotdir():
     ("flush", (1,), errno.ENOSYS),
 ])
 def test_refused_operations(op, args, err):
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     assert errno_of(getattr(ops, op), *args) == err
 
 
 def test_listxattr_is_empty():
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     assert run(ops.listxattr, ino(ops, "kho/out/finalize"), None) == []
 
 
 def test_statfs():
-    s = run(KhoOperations(boot().tree).statfs, None)
+    s = run(KhoOperations(Tree(boot().machine)).statfs, None)
     assert (s.f_bsize, s.f_frsize, s.f_namemax, s.f_blocks, s.f_files) == (4096, 4096, 255, 0, 0)
 
 
 def test_setattr_changes_mode_owner_times_and_stamps_ctime():
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     fin = ino(ops, "kho/out/finalize")
     before = ops.tree.nodes[fin].ctime
     attr = pyfuse3.EntryAttributes()
@@ -171,7 +171,7 @@ def test_setattr_changes_mode_owner_times_and_stamps_ctime():
 
 
 def test_open_flags_direct():
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     fin = run(ops.open, ino(ops, "kho/out/finalize"), os.O_RDONLY, None)
     assert (fin.direct_io, fin.keep_cache, fin.nonseekable) == (True, False, True)
     sl = run(ops.open, ino(ops, "kho/out/scratch_len"), os.O_RDONLY, None)
@@ -181,7 +181,7 @@ def test_open_flags_direct():
 
 
 def test_page_cache_is_kept_only_while_the_content_is_unchanged(kernel):
-    ops = KhoOperations(boot().tree, cache="page")
+    ops = KhoOperations(Tree(boot().machine), cache="page")
     fin = ino(ops, "kho/out/finalize")
     first, text = open_read(ops, fin)
     assert (first.direct_io, first.keep_cache, text) == (False, False, b"0\n")
@@ -202,17 +202,17 @@ def test_page_cache_is_kept_only_while_the_content_is_unchanged(kernel):
 
 
 def test_page_cache_needs_content_sizes():
-    ops = KhoOperations(boot().tree, stat_size="zero", cache="page")
+    ops = KhoOperations(Tree(boot().machine), stat_size="zero", cache="page")
     assert run(ops.open, ino(ops, "kho/out/finalize"), os.O_RDONLY, None).direct_io is True
 
 
 def test_unknown_cache_mode():
     with pytest.raises(ValueError):
-        KhoOperations(boot().tree, cache="both")
+        KhoOperations(Tree(boot().machine), cache="both")
 
 
 def test_abort_invalidates_removed_files_before_the_write_returns(kernel):
-    ops = KhoOperations(boot("kho=on reserve_mem=1M:4096:oops").tree)
+    ops = KhoOperations(Tree(boot("kho=on reserve_mem=1M:4096:oops").machine))
     out, fin = ino(ops, "kho/out"), ino(ops, "kho/out/finalize")
     assert write(ops, fin, b"1") == 1
     assert kernel.calls == []                       # files only appeared
@@ -232,7 +232,7 @@ def test_abort_invalidates_removed_files_before_the_write_returns(kernel):
 
 
 def test_failed_write_still_settles_and_keeps_errno(kernel):
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     fin = ino(ops, "kho/out/finalize")
     info = run(ops.open, fin, os.O_WRONLY, None)
     assert errno_of(ops.write, info.fh, 0, b"x") == errno.EINVAL
@@ -241,7 +241,7 @@ def test_failed_write_still_settles_and_keeps_errno(kernel):
 
 
 def test_readdir_lists_dots_then_newest_first_and_counts_references(monkeypatch):
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     got = []
     room = [99]
 
@@ -267,7 +267,7 @@ def test_readdir_lists_dots_then_newest_first_and_counts_references(monkeypatch)
 
 
 def test_readdir_continues_past_files_removed_meanwhile(monkeypatch):
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     got = []
     monkeypatch.setattr(pyfuse3, "readdir_reply",
                         lambda token, name, attr, next_id: got.append(name) or len(got) < 3)
@@ -284,14 +284,14 @@ def test_readdir_continues_past_files_removed_meanwhile(monkeypatch):
 
 
 def test_a_bug_fails_only_its_request_with_eio(capsys, monkeypatch):
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     monkeypatch.setattr(ops.tree, "get", lambda *a, **k: 1 / 0)
     assert errno_of(ops.getattr, ROOT_INO, None) == errno.EIO
     assert "internal error in GETATTR" in capsys.readouterr().err
 
 
 def test_debug_logs_each_request(capsys):
-    ops = KhoOperations(boot().tree, debug=True)
+    ops = KhoOperations(Tree(boot().machine), debug=True)
     info = run(ops.open, ino(ops, "kho/out/finalize"), os.O_RDONLY, None)
     run(ops.read, info.fh, 0, 10)
     err = capsys.readouterr().err
@@ -310,17 +310,36 @@ def request(d, **req):
 
 def test_kexec_makes_the_kernel_forget_the_old_boot_before_the_reply(kernel, tmp_path):
     d = daemon(tmp_path)
-    out_ino, kho_ino = d.host.tree.out.ino, d.host.tree.kho.ino
-    assert request(d, cmd="kexec")["ok"]
+    assert_old_boot_forgotten(kernel, d, "kexec")
+
+
+@pytest.mark.parametrize("cmd", ["kexec", "reboot"])
+def test_a_new_boot_makes_the_kernel_forget_the_old_one_before_the_reply(kernel, tmp_path, cmd):
+    assert_old_boot_forgotten(kernel, daemon(tmp_path), cmd)
+
+
+def assert_old_boot_forgotten(kernel, d, cmd):
+    old = d.ops.tree
+    old_ino = {n: old.resolve(n).ino for n in ("kho", "kho/out", "kho/out/sub_fdts",
+                                               "kho/out/scratch_phys", "kho/out/scratch_len",
+                                               "kho/out/finalize")}
+    machine = d.host.machine
+    assert request(d, cmd=cmd)["ok"]
     calls = kernel.calls
     entries = [c for c in calls if c[0] == "entry"]
-    # The old boot's entries, from kho/ down, and the root's attributes (its link count).
-    assert entries[:2] == [("entry", ROOT_INO, b"kho"), ("entry", kho_ino, b"out")]
-    assert sorted(entries[2:]) == sorted(("entry", out_ino, n) for n in (
-        b"sub_fdts", b"scratch_phys", b"scratch_len", b"finalize"))
-    assert [c for c in calls if c[0] != "entry"] == [("attr", ROOT_INO)]
+    # Every entry of the old boot, and the attributes of its inodes (an open file then shows
+    # nlink 0) and of the root (its link count).
+    assert sorted(entries) == sorted(("entry", old.resolve(n.rpartition("/")[0]).ino,
+                                      n.rpartition("/")[2].encode()) for n in old_ino)
+    assert {c for c in calls if c[0] != "entry"} == \
+        {("attr", i) for i in old_ino.values()} | {("attr", ROOT_INO)}
     assert threading.main_thread() not in kernel.threads
-    assert d.ops.tree is d.host.tree                  # the adapter serves the new boot
+    assert d.host.machine is not machine
+    assert d.ops.tree is not old and d.ops.tree.machine is d.host.machine
+    assert all(node.gone for node in old.nodes.values())
+    # New inode numbers: the kernel can never take a new file for an old one.
+    assert min(n.ino for n in d.ops.tree.nodes.values() if n is not d.ops.tree.root) \
+        > max(old_ino.values())
 
 
 def test_a_request_as_the_daemon_stops_is_refused_and_changes_nothing(kernel, tmp_path):

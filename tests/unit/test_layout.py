@@ -19,7 +19,10 @@ ALLOWED = {
     "khofs.daemon": ("khofs.kernel", "khofs.fs", "khofs.daemon", "khofs.runtime"),
     "khofs.client": ("khofs.runtime", "khofs.devicetree"),
     "khofs.runtime": (),
-    "khofs.pytest_plugin": ("khofs.runtime", "khofs.client"),
+    "khofs.pytest_plugin": ("khofs.runtime", "khofs.client", "khofs.run"),
+    # khofs run's supervisor: host code that reaches the emulated kernel through the control
+    # socket; of the kernel it uses only pure rules (syscall constants, the fd-read checks).
+    "khofs.run": ("khofs.run", "khofs.runtime", "khofs.client", "khofs.kernel.syscalls"),
 }
 EVENT_LOOP = ("trio", "pyfuse3")
 MAX_LINES = 400
@@ -79,6 +82,9 @@ def test_only_the_daemon_and_the_adapter_know_the_event_loop(path):
     used = sorted({m for m in imports(path) if m.split(".")[0] in EVENT_LOOP})
     if name.startswith("khofs.daemon") or name == "khofs.fs.fuse":
         return
+    if name.startswith("khofs.run"):
+        assert "pyfuse3" not in used        # the supervisor's loop is trio, it serves no FUSE
+        return
     assert used == [], f"{name} imports {used}"
 
 
@@ -129,11 +135,15 @@ def test_every_public_function_says_what_it_does(path):
 
 
 # The CLI talks to the daemon through the client and to the kernel through a few public
-# calls: the profile table's names, a boot's configuration and a replay's handover, never a
+# calls: the profile table's names, a boot's configuration (kernel/boot.py's BootArgs, what a
+# mount and a reboot boot from) and a replay's handover, never a
 # Machine's insides or a profile's fields (what the daemon answers says what the kernel does).
+# khofs run's supervisor is host code like the client; `khofs image` writes the bytes of
+# kernel/bzimage.py's make_image.
 CLI_ALLOWED = ("khofs.cli", "khofs.client", "khofs.runtime", "khofs.devicetree",
-               "khofs.daemon", "khofs.kernel.profile", "khofs.kernel.machine",
-               "khofs.kernel.replay", "khofs.kernel.kstrtox", "khofs.kernel.fdt")
+               "khofs.daemon", "khofs.kernel.profile", "khofs.kernel.machine", "khofs.kernel.boot",
+               "khofs.kernel.replay", "khofs.kernel.kstrtox", "khofs.kernel.fdt",
+               "khofs.run", "khofs.kernel.bzimage")
 CLI_FROM_PROFILE = {"PROFILES", "NO_KHO", "release_profile_name"}
 MACHINE_INSIDES = {"machine", "kho_out", "kho_in", "dmesg", "ignored", "kexec_notes",
                    "warnings", "profile"}
