@@ -154,6 +154,19 @@ class Client:
             fields["defaults"] = True
         return self.call("reboot", **fields)
 
+    # The syscalls khofs run answers for a tool (docs/run.md); fields as the protocol names them.
+    def sys_kexec_file_load(self, **fields: int | bool | str) -> dict:
+        """Request sys_kexec_file_load: kexec_file_load(2) as the running kernel answers it."""
+        return self.call("sys_kexec_file_load", **fields)
+
+    def sys_kexec_load(self, **fields: int | bool | str | list) -> dict:
+        """Request sys_kexec_load: kexec_load(2) of a user-space loader's segments."""
+        return self.call("sys_kexec_load", **fields)
+
+    def sys_reboot(self, **fields: int | bool | str) -> dict:
+        """Request sys_reboot: reboot(2); a kexec reboot boots the loaded kernel at once."""
+        return self.call("sys_reboot", **fields)
+
     def fail(self, op: str, err: str | int) -> None:
         """Make the next op (finalize or abort) fail with err (a name or number)."""
         self.call("fail", op=op, errno=err)

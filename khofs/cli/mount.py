@@ -13,7 +13,6 @@ from .common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, errno_name, ke
                      release_arg, size_arg)
 
 
-
 def cmd_mount(args) -> int:
     """khofs mount MNT: boot an emulated kernel and serve its debugfs there."""
     mnt = os.path.realpath(args.mountpoint)

@@ -12,6 +12,7 @@ import pytest
 
 from khofs import runtime
 from khofs.client import Client, ControlError
+from khofs.daemon import syscalls  # noqa: F401  (registers the sys_* requests)
 from khofs.daemon.control import COMMANDS
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "control-protocol.md")

@@ -361,7 +361,7 @@ def test_a_failing_request_gets_eio_and_the_next_is_served(kernel, tmp_path, mon
 
 def test_forget_shares_the_error_handling_and_never_raises(monkeypatch, capsys):
     # FORGET has no reply: an exception would escape into pyfuse3's loop and end the daemon.
-    ops = KhoOperations(boot().tree)
+    ops = KhoOperations(Tree(boot().machine))
     fin = lookup_path(ops, "kho/out/finalize")
 
     def broken(ino, nlookup):
