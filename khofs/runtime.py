@@ -8,8 +8,10 @@ import time
 
 
 def runtime_dir() -> str:
-    """Where mounts' runtime files live (/run/khofs as root)."""
-    if os.geteuid() == 0:
+    """Where mounts' runtime files live: $KHOFS_RUNTIME_DIR if set, else /run/khofs as root."""
+    if os.environ.get("KHOFS_RUNTIME_DIR"):
+        base = os.environ["KHOFS_RUNTIME_DIR"]
+    elif os.geteuid() == 0:
         base = "/run/khofs"
     else:
         base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/khofs-{os.getuid()}", "khofs")
@@ -145,3 +147,55 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def all_infos() -> list[dict]:
+    """The runtime info of every mount this runtime directory knows, by mount point."""
+    base = runtime_dir()
+    infos = []
+    for name in sorted(os.listdir(base)):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(base, name)) as f:
+                    info = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and isinstance(info.get("mountpoint"), str):
+                infos.append(info)
+    return sorted(infos, key=lambda i: i["mountpoint"])
+
+
+
+def _mountinfo(path: str) -> list[tuple[str, str, str]]:
+    """(mount point, major:minor, fstype) of each entry of a mountinfo file."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                out.append((_unescape(fields[4]), fields[2], fields[sep + 1]))
+    except OSError:
+        pass
+    return out
+
+
+def khofs_mount_of(path: str) -> str | None:
+    """The mount point (as its daemon knows it) of the khofs mount that path is on, also
+    through a bind mount or in another mount namespace: the mount holding path (from
+    /proc/self/mountinfo) is fuse.khofs, and a daemon of this runtime directory mounted the
+    same device (its own /proc/PID/mountinfo, or ours)."""
+    path = os.path.realpath(path)
+    best = None
+    for mnt, dev, fstype in _mountinfo("/proc/self/mountinfo"):
+        if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
+            if best is None or len(mnt) >= len(best[0]):
+                best = (mnt, dev, fstype)
+    if best is None or best[2] != "fuse.khofs":
+        return None
+    for info in all_infos():
+        mine = info["mountpoint"]
+        for where in (f"/proc/{info.get('pid')}/mountinfo", "/proc/self/mountinfo"):
+            if any(m == mine and d == best[1] for m, d, _ in _mountinfo(where)):
+                return mine
+    return None

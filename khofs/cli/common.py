@@ -102,3 +102,29 @@ def oops_lines(st: dict) -> list:
             f"tainted:          {st['tainted']}",
             f"{oops['lock']}:     held until a kexec or a reboot; "
             f"{oops['lock_waiters']} request(s) asleep on it"]
+
+
+def no_daemon(mountpoint: str, e: OSError) -> str:
+    """The one line for a mount point whose daemon does not answer, with what to do."""
+    from .. import runtime
+    mnt = os.path.realpath(mountpoint)
+    mounted = runtime.find_mount(mnt)
+    if mounted and mounted[0] == "fuse.khofs":
+        return (f"{mountpoint}: the khofs daemon of this mount is gone "
+                f"({os.strerror(e.errno)}); clear it with: khofs umount {mountpoint}")
+    if mounted:
+        return f"{mountpoint} is a {mounted[0]} mount, not khofs"
+    if runtime.read_info(mnt):
+        return f"{mountpoint}: {e.strerror}"
+    return (f"{mountpoint} is not a khofs mount (khofs list shows them; "
+            f"khofs mount {mountpoint} makes one)")
+
+
+def connect(mountpoint: str):
+    """A client of mountpoint's daemon, or None after the one line saying why not."""
+    from ..client import ControlError
+    try:
+        return client(mountpoint)
+    except ControlError as e:
+        err(no_daemon(mountpoint, e))
+        return None

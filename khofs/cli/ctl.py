@@ -3,8 +3,8 @@
 import base64
 import sys
 
-from .common import (EXIT_FAIL, EXIT_OK, PHYS_HELP, SIZE_HELP, client, err, errno_name, num_arg,
-                     print_result, size_arg)
+from .common import (EXIT_FAIL, EXIT_OK, PHYS_HELP, SIZE_HELP, connect, err, errno_name,
+                     num_arg, print_result, size_arg)
 
 
 def _read_input(path: str) -> bytes:
@@ -31,13 +31,19 @@ def _load_blob(path: str, c) -> bytes:
 def cmd_ctl(args) -> int:
     """khofs ctl MNT ACTION: one control request, its result printed."""
     from ..client import ControlError
+    c = connect(args.mountpoint)
+    if c is None:
+        return EXIT_FAIL
     try:
-        with client(args.mountpoint) as c:
+        with c:
             return _ctl(args, c)
     except ControlError as e:
         err(f"{args.mountpoint}: {e.strerror} [{errno_name(e.errno)}]")
         return EXIT_FAIL
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        err(f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e))
+        return EXIT_FAIL
+    except ValueError as e:
         err(str(e))
         return EXIT_FAIL
 

@@ -4,7 +4,7 @@ import json
 import sys
 
 from ..kernel.profile import NO_KHO, PROFILES
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, errno_name, kernels_differ
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, connect, err, errno_name, kernels_differ
 
 
 def cmd_kexec(args) -> int:
@@ -16,8 +16,7 @@ def cmd_kexec(args) -> int:
     elif len(words) == 2 and words[0] in ("load", "exec"):
         step, mnt = words
     else:
-        err("usage: khofs kexec [load|exec] MOUNTPOINT [--cmdline ...] [--release ...]")
-        return EXIT_USAGE
+        args._parser.error("give one MOUNTPOINT, after load or exec if only that step")
     why = kernels_differ(args.abi, args.release)
     if why:
         err(why)
@@ -32,8 +31,11 @@ def cmd_kexec(args) -> int:
     if step == "exec" and fields:
         err("--cmdline, --release and --abi go with the load step")
         return EXIT_USAGE
+    c = connect(mnt)
+    if c is None:
+        return EXIT_FAIL
     try:
-        with client(mnt) as c:
+        with c:
             r = c.call({"both": "kexec", "load": "kexec_load", "exec": "kexec_exec"}[step], **fields)
     except ControlError as e:
         err(f"kexec: {e.strerror} [{errno_name(e.errno)}]")
@@ -54,7 +56,9 @@ def cmd_kexec(args) -> int:
 
 def add_kexec(sub) -> None:
     """The kexec subcommand."""
-    k = sub.add_parser("kexec", help="kexec the emulated kernel (load and exec, or one step)",
+    k = sub.add_parser("kexec", usage="khofs kexec [-h] [load|exec] MOUNTPOINT [--cmdline CMDLINE] "
+                       "[--release RELEASE] [--abi {%s}] [--json]" % ",".join(PROFILES),
+                       help="kexec the emulated kernel (load and exec, or one step)",
                        description="khofs kexec MNT = kexec -s -l + kexec -e; `khofs kexec load "
                        "MNT` and `khofs kexec exec MNT` are the two steps apart. In ABI 6.18 the "
                        "handover is attached at load time, and only if finalized. --abi boots a "

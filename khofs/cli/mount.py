@@ -1,24 +1,26 @@
-"""khofs mount, umount and status: a daemon's life and what its kernel is doing."""
+"""khofs mount: boot an emulated kernel and serve its debugfs (instances.py: the rest of a
+daemon's life)."""
 
 import argparse
 import json
 import os
-import signal
 import sys
-import time
 
 from .. import runtime
 from ..kernel.boot import DEFAULT_BOOT_RESERVED, DEFAULT_MEMORY
 from ..kernel.profile import PROFILES
 from .common import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, client, err, errno_name, kernels_differ,
-                     oops_lines, release_arg, size_arg, stop_lock_sleepers)
+                     release_arg, size_arg)
 
 
 def cmd_mount(args) -> int:
     """khofs mount MNT: boot an emulated kernel and serve its debugfs there."""
     mnt = os.path.realpath(args.mountpoint)
     if not os.path.isdir(mnt):
-        err(f"mount point {args.mountpoint} is not a directory (create it with mkdir)")
+        if os.path.exists(mnt):
+            err(f"mount point {args.mountpoint} is not a directory (khofs mounts on a directory)")
+        else:
+            err(f"mount point {args.mountpoint} does not exist (create it with mkdir)")
         return EXIT_FAIL
     if runtime.find_mount(mnt):
         err(f"{mnt} is already a mount point (khofs umount {args.mountpoint} first)")
@@ -81,7 +83,8 @@ def _boot_host(args):
 
 
 def _mount_foreground(args, mnt) -> int:
-    from ..daemon.serve import report
+    from ..daemon.serve import hold_signals, report
+    hold_signals()
     lock = runtime.lock_mountpoint(mnt)
     if lock is None:
         msg = f"another khofs daemon is mounting or serving {mnt} (khofs umount {mnt} first)"
@@ -130,8 +133,8 @@ def _serve_locked(args, mnt) -> int:
     daemon = Daemon(mnt, host, stat_size=args.stat_size, fuse_options=opts,
                     debug_fuse=args.debug_fuse, cache=args.cache)
     try:
-        daemon.mount()
-    except Exception as e:       # libfuse's own reason is already in the log
+        _libfuse_says(daemon.mount)
+    except _MountFailed as e:
         report(fd, error=f"cannot mount on {mnt}: {e}")
         err(f"cannot mount on {mnt}: {e}")
         return EXIT_FAIL
@@ -143,7 +146,42 @@ def _serve_locked(args, mnt) -> int:
         if fd is not None:
             os.close(fd)
     daemon.run(ready)
+    if daemon.signalled and not daemon.ready and fd is not None:
+        # `khofs mount` is still waiting: one line instead of "exited before ready".
+        report(fd, error=f"the daemon was stopped by signal {daemon.signalled} before the "
+               "mount was ready; unmounted")
     return EXIT_OK
+
+
+class _MountFailed(Exception):
+    """libfuse refused the mount; the message is its own reason."""
+
+
+def _libfuse_says(mount) -> None:
+    """Run mount() with fd 2 caught: libfuse prints why it refuses (an unknown -o option, a
+    mount point in use) on stderr and pyfuse3 only says which call failed. Anything
+    libfuse says on a mount that works is passed on."""
+    import tempfile
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as cap:
+        sys.stderr.flush()
+        os.dup2(cap.fileno(), 2)
+        try:
+            mount()
+        except Exception as e:
+            failed = e
+        else:
+            failed = None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        cap.seek(0)
+        said = cap.read().decode(errors="replace").strip()
+    if failed is not None:
+        lines = [ln.removeprefix("fuse: ").strip() for ln in said.splitlines() if ln.strip()]
+        raise _MountFailed("; ".join(lines) if lines else str(failed)) from None
+    if said:
+        print(said, file=sys.stderr, flush=True)
 
 
 def _mount_background(args, mnt) -> int:
@@ -203,48 +241,6 @@ def _mount_background(args, mnt) -> int:
     return EXIT_OK
 
 
-# -- umount -------------------------------------------------------------------------
-def cmd_umount(args) -> int:
-    """khofs umount MNT: unmount, stop the daemon, clear what a dead one left."""
-    mnt = os.path.realpath(args.mountpoint)
-    info = runtime.read_info(mnt)
-    mounted = runtime.find_mount(mnt)
-    if not mounted and not info:
-        err(f"{args.mountpoint} is not mounted")
-        return EXIT_FAIL
-    if mounted and not mounted[0].startswith("fuse"):
-        err(f"{args.mountpoint} is a {mounted[0]} mount, not khofs")
-        return EXIT_FAIL
-    if mounted:
-        import subprocess       # not at the top: every mount would pay for it
-        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
-        if r.returncode != 0 and not stop_lock_sleepers(mnt, info):
-            if "not connected" in r.stderr or not (info and runtime.pid_alive(info.get("pid", 0))):
-                r = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
-            if r.returncode != 0:
-                err(f"cannot unmount {mnt}: {r.stderr.strip()}")
-                return EXIT_FAIL
-    pid = (info or {}).get("pid")
-    clean = True
-    if pid:
-        deadline = time.monotonic() + 10
-        while runtime.pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if runtime.pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            clean = False
-    clean = clean and mounted is not None and info is not None
-    runtime.remove_info(mnt)
-    runtime.clear_stale_lock(mnt)
-    if clean:
-        # The daemon went down normally: its log has nothing left to explain.
-        try:
-            os.unlink(runtime.paths(mnt)["log"])
-        except FileNotFoundError:
-            pass
-    return EXIT_OK
-
-
 def cmd_reboot(args) -> int:
     """khofs reboot MNT: a cold boot in place, as a fresh mount with these options boots."""
     from ..client import ControlError
@@ -268,42 +264,6 @@ def cmd_reboot(args) -> int:
     return EXIT_OK
 
 
-def cmd_status(args) -> int:
-    """khofs status MNT: what the emulated kernel is doing."""
-    from ..client import ControlError
-    try:
-        with client(args.mountpoint) as c:
-            st = c.status()
-    except ControlError as e:
-        err(f"{args.mountpoint}: {e.strerror}")
-        return EXIT_FAIL
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return EXIT_OK
-    abi = f"ABI {st['abi']}" if st["abi"] else "no KHO in this release"
-    print(f"release:          {st['release']} ({abi})")
-    print(f"previous release: {st['previous_release'] or '-'}")
-    print(f"kexec count:      {st['kexec_count']}")
-    print(f"cmdline:          {st['cmdline']}")
-    print(f"KHO:              {'enabled' if st['kho_enabled'] else 'disabled'}"
-          f"{', handover received' if st['kho_in'] else ''}")
-    fin = st["finalized"]
-    print(f"finalized:        {'- (no finalize in this ABI)' if fin is None else int(fin)}")
-    md = st.get("kexec_metadata")
-    if md:
-        print(f"kexec-metadata:   from {md['previous_release']} (count {md['kexec_count']})")
-    print(f"preserved:        {st['preserved_bytes']} bytes")
-    for i, s in enumerate(st["scratch"]):
-        print(f"scratch[{i}]:       0x{s['addr']:x} + 0x{s['size']:x}")
-    print("".join(line + "\n" for line in oops_lines(st)), end="")
-    for n in st["kexec_notes"]:
-        print(f"kexec note:       {n}")
-    from ..kernel.replay import replay_lines
-    for line in replay_lines(st.get("replay")):
-        print(f"replay:           {line}")
-    return EXIT_OK
-
-
 def add_mount(sub) -> None:
     """The mount subcommand."""
     m = sub.add_parser("mount", help="mount an emulated KHO debugfs",
@@ -312,7 +272,8 @@ def add_mount(sub) -> None:
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     m.add_argument("--cmdline",
                    help='kernel command line (default "kho=on"; with --replay, the recorded '
-                   "one); kho=, kho_scratch= and reserve_mem= are understood")
+                   "one); kho=, kho_scratch=, reserve_mem= and khofs.test_kho=1 (load the KHO "
+                   "test module at boot) are understood")
     m.add_argument("--memory", type=size_arg, metavar="SIZE",
                    help="simulated RAM (default 4G, or with --replay enough for the recorded "
                    "addresses)")
@@ -378,23 +339,3 @@ def add_reboot(sub) -> None:
     r.add_argument("--replay", help=argparse.SUPPRESS)
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=cmd_reboot)
-
-
-def add_umount(sub) -> None:
-    """The umount subcommand."""
-    u = sub.add_parser("umount", help="unmount and stop the daemon (also clears a dead mount)",
-                       description="Unmount MOUNTPOINT and wait for its daemon to exit. A mount "
-                       "whose daemon died (\"Transport endpoint is not connected\") is cleared "
-                       "too. Fails if processes still use the mount.")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
-    u.set_defaults(func=cmd_umount)
-
-
-def add_status(sub) -> None:
-    """The status subcommand."""
-    st = sub.add_parser("status", help="what the emulated kernel is doing",
-                        description="Release, previous release, kexec count, command line, "
-                        "finalized, preserved bytes and scratch areas of the current boot.")
-    st.add_argument("mountpoint", metavar="MOUNTPOINT", help="a khofs mount point")
-    st.add_argument("--json", action="store_true", help="print JSON")
-    st.set_defaults(func=cmd_status)

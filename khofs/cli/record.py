@@ -15,7 +15,10 @@ def _source(kho: str, tree) -> None:
     """What the tree's source can tell beyond debugfs: release, cmdline, ABI, whole root FDT."""
     from ..devicetree.snapshot import ROOT_FDT
     from ..kernel.fdt import totalsize
-    mnt = _mount_of(kho)
+    from .. import runtime
+    # A khofs mount directly, or under a bind (a namespace whose /sys/kernel/debug is one):
+    # its daemon, not this host's uname, knows the kernel.
+    mnt = _mount_of(kho) or runtime.khofs_mount_of(kho)
     if mnt is not None:
         with client(mnt) as c:
             st = c.status()
@@ -42,7 +45,7 @@ def _source(kho: str, tree) -> None:
 def cmd_record(args) -> int:
     """khofs record SNAPSHOT [--from DIR]."""
     from ..client import ControlError
-    from ..devicetree.snapshot import SnapshotError, read_dir, recording, save
+    from ..devicetree.snapshot import SnapshotError, not_from, read_dir, recording, save
     why = kernels_differ(args.abi, args.release)
     if why:
         err(why)
@@ -57,6 +60,13 @@ def cmd_record(args) -> int:
     try:
         tree = read_dir(kho)
         _source(os.path.abspath(kho), tree)
+        if tree.meta["source"]["kind"] == "running system" and args.release is None \
+                and args.abi is None:
+            why = not_from(tree, tree.meta["release"])
+            if why:
+                err(f"{src} is not the running kernel's (uname -r {tree.meta['release']}): "
+                    f"{why}; say whose it is with --release R and --abi P")
+                return EXIT_FAIL
         for key in ("abi", "release", "cmdline"):
             if getattr(args, key) is not None:
                 tree.meta[key] = getattr(args, key)

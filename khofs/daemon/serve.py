@@ -20,6 +20,23 @@ from ..fs.fuse import KhoOperations
 from .host import Host
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _held(signum, frame) -> None:
+    """What SIGNALS do outside the daemon's receiver: nothing (a teardown is under way)."""
+
+
+def hold_signals() -> None:
+    """From here on, SIGNALS never take their default action: blocked on this thread (so one
+    that arrives before the daemon's receiver waits for it) and, on any other thread, a
+    handler that does nothing. A handler, not SIG_IGN, which would drop a pending one; and
+    the receiver puts it back when it closes, so a signal during teardown cannot kill."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    for sig in SIGNALS:
+        signal.signal(sig, _held)
+
+
 def log(text: str) -> None:
     """One line to the daemon's log (its stderr)."""
     print(text, file=sys.stderr, flush=True)
@@ -62,6 +79,7 @@ class Daemon:
             self.options.add("debug")     # libfuse logs INIT and every request it reads
         self._mounted = False
         self.stopping = False
+        self.ready = False
         self.signalled = 0
 
     def mount(self) -> None:
@@ -88,13 +106,23 @@ class Daemon:
         return reply
 
     async def _signals(self, task_status=trio.TASK_STATUS_IGNORED):
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            task_status.started()
-            async for sig in sigs:
-                self.signalled = sig
-                self.ops.held_lock.stop()     # sleepers on a held kho_out.lock get EIO
-                pyfuse3.terminate()
-                return
+        # Every signal, however many and whenever, leads to the one teardown: they are held
+        # (hold_signals) from start-up until this receiver runs, and again from when it
+        # stops, so none can take its default action half way through an unmount.
+        try:
+            with trio.open_signal_receiver(*SIGNALS) as sigs:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                task_status.started()
+                async for sig in sigs:
+                    if not self.signalled:
+                        self.signalled = sig
+                    self.ops.held_lock.stop()     # sleepers on a held kho_out.lock get EIO
+                    pyfuse3.terminate()
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            # trio closes its wakeup socket before it unhooks it: a signal in between would
+            # be written to a closed (or reused) descriptor. Nothing needs waking now.
+            signal.set_wakeup_fd(-1)
 
     async def _ready(self, on_ready):
         # The mount answers once the kernel's GETATTR of its root comes back. The stat runs in
@@ -102,6 +130,7 @@ class Daemon:
         # SIGKILLed during start-up from ever exiting; a child's stat ends with the connection.
         await trio.run_process(["stat", "--", self.mountpoint], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL)
+        self.ready = True
         if on_ready:
             on_ready()
         sd_notify(f"READY=1\nMAINPID={os.getpid()}")
@@ -119,10 +148,13 @@ class Daemon:
             nursery.cancel_scope.cancel()
 
     def run(self, on_ready=None) -> None:
-        """Serve until unmounted or signalled, then close the session."""
+        """Serve until unmounted or signalled, then close the session. Signals stay held
+        afterwards: the teardown below and the caller's own runs to its end."""
+        hold_signals()
         try:
             trio.run(self._main, on_ready)
         finally:
+            hold_signals()
             if self._mounted:
                 pyfuse3.close(unmount=True)
                 self._mounted = False
@@ -131,6 +163,19 @@ class Daemon:
             except FileNotFoundError:
                 pass
             runtime.remove_info(self.mountpoint)
+            # Unmounted: a signal has nothing left to stop. Ignored, not held, because
+            # the interpreter's exit puts the default action back on handlers it set.
+            sys.unraisablehook = _quiet_signal_race
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def _quiet_signal_race(unraisable, _default=sys.unraisablehook) -> None:
+    # A signal that came just before SIG_IGN reaches the interpreter just after it, which
+    # says so as an unraisable error; that signal is one the teardown ignores anyway.
+    e = unraisable.exc_value
+    if not (isinstance(e, OSError) and str(e).endswith("ignored due to race condition")):
+        _default(unraisable)
 
 
 def report(fd: int | None, **msg) -> None:

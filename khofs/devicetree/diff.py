@@ -29,7 +29,9 @@ def check(blob: bytes, where: str) -> None:
     if len(blob) >= 8 and blob[:4] == b"\xd0\x0d\xfe\xed":
         size = int.from_bytes(blob[4:8], "big")
         if size > len(blob):
-            hint = " (a 7.1 kernel sizes out/fdt once, at boot)" if where.endswith("out/fdt") else ""
+            from .whole import guess_abi
+            hint = f" (a {guess_abi(blob)} kernel sizes out/fdt once, when it makes the file)" \
+                if where.endswith("out/fdt") else ""
             raise DiffError(f"{where}: truncated FDT: its header says {size} bytes, "
                             f"{len(blob)} read{hint}")
     err = libfdt.fdt_check_full(bytearray(blob), len(blob))

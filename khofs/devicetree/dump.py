@@ -7,9 +7,14 @@ The JSON form (`--json`) is one object per decoded FDT:
   NODE = {"name": str, "properties": [{"name": str, "length": int, "hex": str,
           "value": str|int|null, "kind": "string"|"u64"|"u32"|"bytes"}],
           "children": [NODE], "sub_fdt": DECODED|null}
-  MAP = {"format": "chunk-list"|"radix-tree", "chunks": int,
+  MAP = {"format": "chunk-list"|"radix-tree", "source": "memory"|"daemon", "chunks": int|null,
          "ranges": [{"order": int, "start": int, "size": int}], "total_bytes": int,
-         "error": str|null}   (radix-tree also has "tables": int, "leaves": int)
+         "error": str|null}   (radix-tree walked in memory also has "tables", "leaves")
+  "source": "memory" is the map walked in simulated memory (out/fdt on a mount); "daemon"
+  is what the running kernel received (in/fdt on a mount: the old kernel's map pages are
+  free memory by then, so khofs asks the daemon, as `khofs map` does).
+Each object also has "notes": [str] (how the bytes were obtained, e.g. a short 7.x out/fdt
+completed) and "unread": [str] (what could not be read, hence not checked).
 `value` is the decoded value: strings as text, 8-byte properties as native-endian (LE) u64
 addresses, 4-byte ones as LE u32. `sub_fdt` is the FDT a node's `fdt` (kho-v1) or
 `preserved-data` (kho-v3, kho-v4) property points to, decoded the same way, when it can be
@@ -20,11 +25,14 @@ int|null (bytes of the blob at hand), "kind": "fdt"|"kexec-metadata"|"raw", "met
 
 import struct
 
+import libfdt
+
 from ..kernel.fdt import FDT_HEADER, check_header, tree
 from ..kernel.kho_fdt import KEXEC_METADATA, KHO_KEXEC_METADATA_VERSION, KHO_METADATA_NODE_NAME
 from ..kernel.memtrack import MapError, walk_memory_map
 from ..kernel.profile import compatibles, profiles_of_compatible
 from ..kernel.radix import tree_leaves, walk_leaves
+from .whole import guess_abi
 
 HEADER_FIELDS = ("magic", "totalsize", "off_dt_struct", "off_dt_strings", "off_mem_rsvmap",
                  "version", "last_comp_version", "boot_cpuid_phys", "size_dt_strings",
@@ -90,19 +98,28 @@ class MemorySource:
         return self.client.mem_read(phys, size)
 
 
+def fdt_error(err: int) -> str:
+    """A libfdt error in libfdt's own spelling (FDT_ERR_BADMAGIC), as diff and ctl say it."""
+    return libfdt.fdt_strerror(err)
+
+
 def decode(blob: bytes, path: str, mem: MemorySource | None = None, sub_blobs=None,
-           depth: int = 0) -> dict:
-    """Decode one FDT; sub_blobs maps subtree names to their bytes when known."""
+           depth: int = 0, memory_map: dict | None = None, map_unread: str | None = None,
+           abi: str | None = None) -> dict:
+    """Decode one FDT; sub_blobs maps subtree names to their bytes when known. memory_map,
+    when given, is the map as the kernel received it (not walked in memory); map_unread says
+    why the map cannot be read when there is no memory to walk."""
     out = {"path": path, "size": len(blob), "compatible": None, "header": None, "root": None,
-           "memory_map": None, "problems": []}
+           "memory_map": None, "problems": [], "notes": [], "unread": []}
     err = check_header(blob)
     if err:
-        out["problems"].append(f"not a valid FDT (libfdt error {err})")
+        out["problems"].append(f"not a valid FDT ({fdt_error(err)})")
         return out
     hdr = dict(zip(HEADER_FIELDS, FDT_HEADER.unpack_from(blob)))
     out["header"] = hdr
     if hdr["totalsize"] > len(blob):
-        hint = " (a 7.1 kernel sizes out/fdt once, at boot)" if path.endswith("out/fdt") else ""
+        hint = f" (a {abi or guess_abi(blob)} kernel sizes out/fdt once, when it makes the " \
+            "file)" if path.endswith("out/fdt") else ""
         out["problems"].append(f"truncated: the header says {hdr['totalsize']} bytes, "
                                f"{len(blob)} read{hint}")
         return out
@@ -115,7 +132,13 @@ def decode(blob: bytes, path: str, mem: MemorySource | None = None, sub_blobs=No
     out["compatible"] = compat
     _check(root, out["problems"])
     rule = root_binding(compat) if isinstance(compat, str) else None
-    if rule is not None and mem is not None:
+    if rule is not None and memory_map is not None:
+        out["memory_map"] = dict(memory_map, format="radix-tree" if rule["radix"]
+                                 else "chunk-list")
+    elif rule is not None and mem is None and depth == 0:
+        why = map_unread or "no khofs daemon to read it from"
+        out["unread"].append(f"the preserved-memory map: {why}")
+    elif rule is not None and mem is not None:
         pmm = next((p for p in root["properties"] if p["name"] == "preserved-memory-map"), None)
         if pmm is not None and pmm["kind"] == "u64":
             if rule["radix"]:
@@ -243,8 +266,8 @@ def _check_props(where: str, node: dict, rule: dict, problems: list) -> None:
 
 
 def _radix_map(mem: MemorySource, root: int) -> dict:
-    out = {"format": "radix-tree", "chunks": 0, "tables": 0, "leaves": 0, "ranges": [],
-           "total_bytes": 0, "error": None}
+    out = {"format": "radix-tree", "source": "memory", "chunks": 0, "tables": 0, "leaves": 0,
+           "ranges": [], "total_bytes": 0, "error": None}
     seen = set()
     try:
         if not root:
@@ -268,7 +291,8 @@ def _radix_map(mem: MemorySource, root: int) -> dict:
 
 
 def _memory_map(mem: MemorySource, first: int) -> dict:
-    out = {"format": "chunk-list", "chunks": 0, "ranges": [], "total_bytes": 0, "error": None}
+    out = {"format": "chunk-list", "source": "memory", "chunks": 0, "ranges": [],
+           "total_bytes": 0, "error": None}
     try:
         for order, phys, size in walk_memory_map(mem, first, mem.bits):
             out["ranges"].append({"order": order, "start": phys, "size": size})
@@ -298,7 +322,10 @@ def render(d: dict, indent: str = "") -> str:
     if d["root"] is not None:
         _render_node(d["root"], indent + "  ", lines, top=True)
     m = d["memory_map"]
-    if m is not None and m.get("format") == "radix-tree":
+    if m is not None and m.get("source") == "daemon":
+        lines.append(f"{indent}  memory map: as the kernel received it (from the daemon), "
+                     f"{len(m['ranges'])} range(s), {_fmt_size(m['total_bytes'])} preserved")
+    elif m is not None and m.get("format") == "radix-tree":
         lines.append(f"{indent}  memory map: radix tree, {m['tables']} table(s), "
                      f"{m['leaves']} leaf bitmap(s), {_fmt_size(m['total_bytes'])} preserved")
     elif m is not None:
@@ -312,8 +339,15 @@ def render(d: dict, indent: str = "") -> str:
         if m["error"]:
             lines.append(f"{indent}    error: {m['error']}")
     if indent == "":
+        lines += [f"note: {n}" for n in d.get("notes", [])]
+        lines += [f"not read: {u}" for u in d.get("unread", [])]
         probs = d["problems"]
-        lines.append("problems: none" if not probs else "problems:")
+        if probs:
+            lines.append("problems:")
+        elif d.get("unread"):
+            lines.append("problems: none in what could be read")
+        else:
+            lines.append("problems: none")
         lines += [f"  - {p}" for p in probs]
     return "\n".join(lines)
 

@@ -125,13 +125,17 @@ def from_tree(tree: KhoTree, source: str, status: dict | None = None,
             lay.regions.append(Region("ram", n["start"], n["end"] - n["start"], f"node {nid}"))
         for r in layout["reserve_mem"]:
             lay.regions.append(Region("reserve_mem", r["start"], r["size"], r["name"]))
-    else:
-        lay.notes.append("reserve_mem regions not in a handed-over memblock FDT, the root FDTs' "
-                         "addresses" + ("" if lay.ram_size else " and RAM's size") +
-                         " are not in debugfs: only a running khofs daemon can tell them")
     for side in ("out", "in"):
         _side(lay, tree, side, (layout or {}).get(f"{'in_' if side == 'in' else ''}fdt_phys"),
               mem if side == "out" else None)
+    if layout is None:
+        unknown = ["the root FDTs' addresses"]
+        if not any(r.kind == "reserve_mem" for r in lay.regions):
+            unknown.append("reserve_mem regions (none in a memblock sub-FDT)")
+        if not lay.ram_size:
+            unknown.append("RAM's size")
+        lay.notes.append(f"not shown, as a kho/ tree does not hold them: {', '.join(unknown)}; "
+                         "a khofs mount's daemon tells them (khofs map MOUNTPOINT)")
     if layout is not None and layout["incoming"]:
         lay.regions += merge_by_order([(r["order"], r["start"], r["size"])
                                        for r in layout["incoming"]], "in")
@@ -230,8 +234,8 @@ def _notes(lay: Layout, tree: KhoTree, status, mem) -> None:
         lay.notes.append(f"this kernel preserves {fmt_size(status['preserved_bytes'])}; "
                          f"{shown}{why}")
     if mem is None and tree.read("out/fdt") is not None:
-        lay.notes.append("out/fdt's memory map lives in preserved memory, which only a khofs "
-                         "daemon can read: preserved ranges not shown")
+        lay.notes.append("preserved ranges not shown: out/fdt's memory map lives in preserved "
+                         "memory, which a copy or a snapshot does not hold")
 
 
 # -- text -------------------------------------------------------------------------------

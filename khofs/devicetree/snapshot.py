@@ -202,6 +202,30 @@ def _abi(tree: KhoTree, fdt: bytes) -> str:
     return prof.name if prof is not None else DEFAULT_PROFILE
 
 
+def not_from(tree, release: str) -> str | None:
+    """Why the tree cannot be the kho/ of a kernel whose uname -r is release, or None."""
+    from ..kernel.kho_fdt import KEXEC_METADATA
+    from ..kernel.profile import compatibles
+    abi = release_profile_name(release)
+    if abi in (None, NO_KHO):
+        return None
+    prof = get_profile(abi)
+    has_finalize = tree.read("out/finalize") is not None
+    if has_finalize != prof.has_finalize:
+        return (f"its out/ {'has' if has_finalize else 'has no'} finalize file, which a "
+                f"{release} kernel (ABI {abi}) {'does not have' if has_finalize else 'has'}")
+    fdt = tree.read("out/fdt") or b""
+    other = [c for c in compatibles() if c != prof.compatible and c.encode() + b"\0" in fdt]
+    if other and prof.compatible.encode() + b"\0" not in fdt:
+        return f"its out/fdt is {other[0]}, which a {release} kernel (ABI {abi}) does not write"
+    md = tree.read("out/sub_fdts/kexec-metadata")
+    if md is not None and len(md) >= KEXEC_METADATA.size:
+        named = KEXEC_METADATA.unpack_from(md)[1].split(b"\0")[0].decode(errors="replace")
+        if named != release:
+            return f"its kexec-metadata blob names release {named}"
+    return None
+
+
 # -- the file -----------------------------------------------------------------------------
 def save(tree: KhoTree, path: str) -> None:
     """Write the snapshot atomically and readable by its owner only (debugfs is root's): a

@@ -58,9 +58,11 @@ def invalidate(entries, inodes=(), data=()) -> None:
         quiet(pyfuse3.invalidate_inode, ino, False)
 
 
-def request(opcode: str, nodeid=None):
+def request(opcode: str, nodeid=None, reply=True):
     """A handler: KernelError becomes the kernel's errno; a bug fails only its request (EIO)
-    and is logged; with --debug-fuse each request is logged as `OPCODE nodeid N`."""
+    and is logged; with --debug-fuse each request is logged as `OPCODE nodeid N`. A request
+    the kernel expects no reply to (reply=False: FORGET) only logs what went wrong: pyfuse3
+    would take its exception for the whole loop's."""
     def wrap(fn):
         # Most answers need no await: a plain function saves a coroutine per request.
         is_async = inspect.iscoroutinefunction(fn)
@@ -74,18 +76,20 @@ def request(opcode: str, nodeid=None):
                 if is_async:
                     return await fn(self, *args)
                 return fn(self, *args)
-            except pyfuse3.FUSEError:
-                raise
             except LockHeld as e:
                 try:
                     await self.held_lock.sleep(e, opcode, self.tree.machine.release, log)
                 except KernelError as woken:
                     raise pyfuse3.FUSEError(woken.errno) from None
-            except KernelError as e:
-                raise pyfuse3.FUSEError(e.errno) from None
+            except (pyfuse3.FUSEError, KernelError) as e:
+                if reply:
+                    raise e if isinstance(e, pyfuse3.FUSEError) else \
+                        pyfuse3.FUSEError(e.errno) from None
+                log(f"khofs: {opcode} failed: {e}")
             except Exception:
                 log(f"khofs: internal error in {opcode}:\n{traceback.format_exc()}")
-                raise pyfuse3.FUSEError(errno.EIO) from None
+                if reply:
+                    raise pyfuse3.FUSEError(errno.EIO) from None
         return handler
     return wrap
 
@@ -251,7 +255,8 @@ class KhoOperations(pyfuse3.Operations):
             node.ctime = attr.st_ctime_ns
         return self._attrs(node)
 
-    async def forget(self, inode_list):
+    @request("FORGET", reply=False)
+    def forget(self, inode_list):
         """FUSE FORGET: the kernel drops its references to inodes."""
         for ino, nlookup in inode_list:
             if self.old_boots.forget(ino, nlookup):

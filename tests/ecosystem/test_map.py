@@ -237,7 +237,10 @@ def test_a_copy_of_a_kho_tree(preserved, tmp_path):
     assert _row("oops", 0x3fc00000, 0x40000000, "4 MiB") in out   # from the memblock FDT
     assert re.search(r"\n  out/sub_fdts/memblock +\[0x00003fbfd000, ", out)
     assert "out/fdt " not in out            # the root FDT's page is not in debugfs
-    assert "note: out/fdt's memory map lives in preserved memory" in out
+    assert "note: preserved ranges not shown: out/fdt's memory map lives in preserved memory, " \
+        "which a copy or a snapshot does not hold" in out
+    assert "note: not shown, as a kho/ tree does not hold them: the root FDTs' addresses, " \
+        "RAM's size; a khofs mount's daemon tells them (khofs map MOUNTPOINT)" in out
     (copy / "kho/out/scratch_len").write_text("0x1000000\nbogus\n")
     r = khofs("map", copy)
     assert r.returncode == 1

@@ -258,7 +258,8 @@ def test_client_without_daemon(tmp_path):
     assert ei.value.errno in (errno.ENOENT, errno.ECONNREFUSED)
     r = khofs("ctl", d, "log", check=False)
     assert r.returncode == 1
-    assert "no khofs daemon" in r.stderr.decode()
+    assert r.stderr.decode() == f"khofs: {d} is not a khofs mount (khofs list shows them; " \
+                                f"khofs mount {d} makes one)\n"
 
 
 CLI_BAD = [

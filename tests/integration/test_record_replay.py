@@ -327,11 +327,22 @@ def _root_page(mnt):
 
 def test_the_running_systems_tree(mount_khofs, tmp_path):
     """khofs record with no --from reads /sys/kernel/debug/kho and the running kernel's
-    uname -r and /proc/cmdline; a khofs tree stands in for a KHO kernel's debugfs."""
-    m = mount_khofs("--memory", "1G", cmdline="kho=on reserve_mem=4M:4096:oops")
-    finalize(m)
+    uname -r and /proc/cmdline; a copy of a khofs tree made as this host's kernel would
+    stands in for a KHO kernel's debugfs (a khofs mount itself is recorded as its daemon's
+    kernel: test_record_namespace.py)."""
+    import shutil
+    from khofs.kernel.profile import DEFAULT_PROFILE, NO_KHO, get_profile, release_profile_name
+    abi = release_profile_name(os.uname().release)
+    abi = DEFAULT_PROFILE if abi in (None, NO_KHO) else abi
+    m = mount_khofs("--memory", "1G", "--abi", abi, "--release", os.uname().release,
+                    cmdline="kho=on reserve_mem=4M:4096:oops")
+    if get_profile(abi).has_finalize:
+        finalize(m)
+    debug = tmp_path / "debug"
+    debug.mkdir()
+    shutil.copytree(m.kho, debug / "kho", copy_function=shutil.copy2)
     snap = tmp_path / "sys.khosnap"
-    script = f"mount --bind {m.path} /sys/kernel/debug && exec {' '.join(_khofs_argv())} " \
+    script = f"mount --bind {debug} /sys/kernel/debug && exec {' '.join(_khofs_argv())} " \
              f"record {snap}"
     r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, text=True, timeout=60)
@@ -433,6 +444,12 @@ def test_map_of_a_snapshot(mount_khofs, tmp_path):
         ["out/sub_fdts/memblock", "out/sub_fdts/kexec-metadata"]
     assert "note: out/fdt: the whole root FDT the recording kept beside the shorter debugfs " \
         "file" in lines
+    # what a snapshot cannot show, said plainly (RAM and reserve_mem it does know)
+    assert lines[-2:] == [
+        "note: not shown, as a kho/ tree does not hold them: the root FDTs' addresses; a khofs "
+        "mount's daemon tells them (khofs map MOUNTPOINT)",
+        "note: preserved ranges not shown: out/fdt's memory map lives in preserved memory, "
+        "which a copy or a snapshot does not hold"]
     svg = tmp_path / "s.svg"
     assert khofs("map", snap, "--svg", svg).returncode == 0
     text = svg.read_text()

@@ -169,11 +169,14 @@ def test_not_an_fdt(tmp_path, data, msg):
     assert "\n" not in str(ei.value)
 
 
-def test_truncated_out_fdt_names_the_7_1_cause(tmp_path):
+@pytest.mark.parametrize("compat,abi", [("kho-v1", "7.0"), ("kho-v3", "7.1")])
+def test_truncated_out_fdt_names_the_release_that_sizes_it(tmp_path, compat, abi):
     (tmp_path / "out").mkdir()
     f = tmp_path / "out" / "fdt"
-    f.write_bytes(GOOD[:-8])
-    with pytest.raises(DiffError, match=r"read \(a 7.1 kernel sizes out/fdt once, at boot\)$"):
+    blob = dts_to_dtb(f'/dts-v1/;\n/ {{ compatible = "{compat}"; a {{ }}; }};\n')
+    f.write_bytes(blob[:-8])
+    with pytest.raises(DiffError, match=rf"read \(a {abi} kernel sizes out/fdt once, when it "
+                       r"makes the file\)$"):
         parse(f.read_bytes(), str(f))
 
 

@@ -357,3 +357,19 @@ def test_a_failing_request_gets_eio_and_the_next_is_served(kernel, tmp_path, mon
     r = request(d, cmd="status")
     assert r["ok"] is False and r["errno"] == errno.EIO
     assert request(d, cmd="log")["ok"] is True
+
+
+def test_forget_shares_the_error_handling_and_never_raises(monkeypatch, capsys):
+    # FORGET has no reply: an exception would escape into pyfuse3's loop and end the daemon.
+    ops = KhoOperations(Tree(boot().machine))
+    fin = lookup_path(ops, "kho/out/finalize")
+
+    def broken(ino, nlookup):
+        raise RuntimeError("bug in forget")
+    monkeypatch.setattr(ops.tree, "forget", broken)
+    assert run(ops.forget, [(fin, 1)]) is None
+    assert "internal error in FORGET" in capsys.readouterr().err
+    monkeypatch.setattr(ops.tree, "forget", lambda ino, n: (_ for _ in ()).throw(
+        pyfuse3.FUSEError(errno.ENOENT)))
+    assert run(ops.forget, [(fin, 1)]) is None
+    assert "FORGET failed" in capsys.readouterr().err

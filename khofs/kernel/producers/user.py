@@ -2,6 +2,8 @@
 
 import errno
 
+import libfdt
+
 from ..errors import KernelError
 from ..fdt import check_header, totalsize
 from ..kho import KhoOut, Producer
@@ -19,7 +21,13 @@ class UserSubtree(Producer):
         # kho-v3 carries the size: any blob will do there. Before, it must be an FDT.
         if not blob or (not kho.profile.blob_size and
                         (check_header(blob) != 0 or totalsize(blob) != len(blob))):
-            what = "an empty blob" if kho.profile.blob_size else "not a valid FDT blob"
+            if kho.profile.blob_size:
+                what = "an empty blob"
+            elif check_header(blob) != 0:
+                # libfdt's name for it, as dump and diff say it
+                what = f"not a valid FDT blob, {libfdt.fdt_strerror(check_header(blob))}"
+            else:
+                what = f"not a valid FDT blob, its header says {totalsize(blob)} bytes"
             raise KernelError(errno.EINVAL, f"subtree {name!r}: {what} ({len(blob)} bytes)")
         self.name, self.blob, self.preserve = name, bytes(blob), preserve
         self.order = max(0, (len(blob) - 1).bit_length() - PAGE_SHIFT)
