@@ -26,9 +26,24 @@ if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
 fi
 stamp=.venv/.khofs-installed
+# Wheels of all the venv needs (pyfuse3's built here from its sdist), kept on this machine
+# after an install from the package index, so that a clone can build its venv when no index
+# is reachable.
+wheels=${KHOFS_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/khofs/wheels}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing khofs and its Python dependencies into .venv" >&2
-    if ! .venv/bin/pip install -q --no-binary pyfuse3 -e '.[test,plot]' >.venv/pip.log 2>&1; then
+    if .venv/bin/pip install -q --no-binary pyfuse3 -e '.[test,plot]' >.venv/pip.log 2>&1; then
+        mkdir -p "$wheels"
+        # hatchling and editables: the editable install's build backend
+        if ! .venv/bin/pip wheel -q --no-binary pyfuse3 -w "$wheels" '.[test,plot]' hatchling \
+                editables >>.venv/pip.log 2>&1; then
+            echo "setup: warning: could not keep the wheels in $wheels (see .venv/pip.log)" >&2
+        fi
+        rm -f "$wheels"/khofs-*.whl
+    elif ls "$wheels"/*.whl >/dev/null 2>&1 && .venv/bin/pip install -q --no-index \
+            --find-links "$wheels" -e '.[test,plot]' >>.venv/pip.log 2>&1; then
+        echo "setup: no package index answered; installed from the wheels kept in $wheels" >&2
+    else
         cat .venv/pip.log >&2
         exit 1
     fi
