@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from khofs.runtime import runtime_dir
+
 pytestmark = pytest.mark.fuse
 
 KHOFS = [sys.executable, "-m", "khofs"]
@@ -81,7 +83,7 @@ def test_signal_to_khofs_run_ends_everything(khofs, sig):
     if sig == signal.SIGKILL:
         # no khofs run was left to remove its view files: the next run does
         subprocess.run(KHOFS + ["run", str(khofs.root), "--", "true"], check=True)
-    assert not os.path.exists(f"/run/khofs/run-{p.pid}")
+    assert not os.path.exists(os.path.join(runtime_dir(), f"run-{p.pid}"))
 
 
 def test_tool_killed(khofs, tmp_path):
